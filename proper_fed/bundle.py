@@ -407,7 +407,9 @@ def bundle_from_records(arrays: Mapping[str, np.ndarray], config: Mapping[str, s
     signature = (
         _b64decode(config[RECORD_SIGNATURE], where="the records") if config[RECORD_SIGNATURE] else None
     )
-    tensors: dict[str, dict[str, torch.Tensor]] = {g: {} for g in manifest.get("tensor_sha256", {})}
+    # Groups listed in the manifest exist even when empty (an empty group sends no arrays).
+    listed = manifest.get("tensor_sha256")
+    tensors: dict[str, dict[str, torch.Tensor]] = {g: {} for g in listed} if isinstance(listed, dict) else {}
     for key, array in arrays.items():
         group, sep, name = key.partition(_RECORD_SEP)
         if not sep or not name:
