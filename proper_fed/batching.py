@@ -1,0 +1,55 @@
+"""Examples -> token batches: prompt masked out of the loss, prompts cut from the left to fit max_length."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from proper_fed.backbone import Backbone
+from proper_fed.example import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    user_id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(backbone: Backbone, ex: Example, max_length: int) -> Encoded:
+    tok = backbone.tokenizer
+    prompt = tok(backbone.format_prompt(ex.prompt), add_special_tokens=False).input_ids
+    target = tok(ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    target = target[: max(1, max_length // 2)]  # keep room for at least half a prompt
+    prompt = prompt[-(max_length - len(target)):] if len(prompt) + len(target) > max_length else prompt
+    return Encoded(ex.user_id, prompt + target, [IGNORE] * len(prompt) + target)
+
+
+def encode_all(backbone: Backbone, examples: Sequence[Example], max_length: int) -> list[Encoded]:
+    return [encode(backbone, ex, max_length) for ex in examples]
+
+
+def collate(items: Sequence[Encoded], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (B, T)."""
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[i, :n] = torch.tensor(it.input_ids)
+        labels[i, :n] = torch.tensor(it.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on target tokens only. logits (B, T, V), labels (B, T)."""
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE)

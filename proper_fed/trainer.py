@@ -1,0 +1,157 @@
+"""The one optimisation loop every stage uses: AdamW on the stage's parameters, a progress bar, a checkpoint
+after each epoch and resume from the last one."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from proper_fed.atomic import atomic_write_bytes
+from proper_fed.batching import collate, encode_all, target_loss
+from proper_fed.config import TrainConfig
+from proper_fed.errors import CheckpointError
+from proper_fed.example import Example
+from proper_fed.proper_model import UNKNOWN_USER, ProperModel
+
+log = logging.getLogger(__name__)
+
+# extra_loss(model, batch, user_rows) -> scalar added to the cross-entropy (the group constraint loss)
+ExtraLoss = Callable[[ProperModel, dict, torch.Tensor], torch.Tensor]
+
+
+class Checkpointer(Protocol):
+    """Where a stage keeps its per-epoch checkpoint (a folder on the server, an encrypted store on a device)."""
+
+    def save(self, data: bytes) -> None: ...
+
+    def load(self) -> bytes | None: ...
+
+
+class FolderCheckpointer:
+    def __init__(self, folder: str | Path, stage: str):
+        self.path = Path(folder) / f"{stage}.ckpt"
+
+    def save(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, data)
+
+    def load(self) -> bytes | None:
+        return self.path.read_bytes() if self.path.exists() else None
+
+
+@dataclass
+class StageResult:
+    stage: str
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+    resumed_from_epoch: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_stage(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig, stage: str,
+              trainable: list[torch.nn.Parameter], user_rows_fn: Callable[[list[str], int], torch.Tensor] | None = None,
+              extra_loss: ExtraLoss | None = None, checkpointer: Checkpointer | None = None) -> StageResult:
+    if not examples:
+        raise ValueError(f"{stage} stage got no training examples")
+    torch.manual_seed(cfg.seed)
+    backbone = model.backbone
+    encoded = encode_all(backbone, examples, cfg.max_length)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    result = StageResult(stage, trainable_parameters=sum(p.numel() for p in trainable))
+    start = _resume(checkpointer, trainable, opt, result, stage)
+    lm = backbone.model
+    if cfg.grad_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()
+    n_batches = math.ceil(len(encoded) / cfg.batch_size)
+    t0 = time.perf_counter()
+    try:
+        for epoch in range(start, cfg.epochs):
+            order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            total, bar = 0.0, tqdm(range(n_batches), desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
+                                   disable=not cfg.progress, leave=False)
+            for step in bar:
+                items = [encoded[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+                batch = collate(items, backbone.tokenizer.pad_token_id, backbone.device)
+                rows = user_rows_fn([it.user_id for it in items], epoch * n_batches + step) if user_rows_fn else None
+                out = model(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
+                loss = target_loss(out.logits, batch["labels"])
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, batch, rows)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                total += loss.item()
+                result.steps += 1
+                result.tokens += int(batch["attention_mask"].sum())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            result.epoch_losses.append(total / n_batches)
+            log.info("%s epoch %d/%d loss %.4f", stage, epoch + 1, cfg.epochs, result.epoch_losses[-1])
+            if checkpointer is not None:
+                checkpointer.save(_checkpoint_bytes(trainable, opt, epoch + 1, result.epoch_losses))
+    finally:
+        if cfg.grad_checkpointing:
+            lm.gradient_checkpointing_disable()
+            lm.eval()
+        model.ctx.record = False
+        model.ctx.gates = []
+    result.seconds = time.perf_counter() - t0
+    for p in trainable:
+        p.requires_grad_(False)  # each stage is frozen before the next starts
+    return result
+
+
+def _checkpoint_bytes(trainable: list[torch.nn.Parameter], opt: torch.optim.Optimizer, epoch: int,
+                      losses: list[float]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"epoch": epoch, "losses": losses, "params": [p.detach().cpu() for p in trainable],
+                "optimizer": opt.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def _resume(checkpointer: Checkpointer | None, trainable: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+            result: StageResult, stage: str) -> int:
+    data = checkpointer.load() if checkpointer is not None else None
+    if data is None:
+        return 0
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    saved = state["params"]
+    if len(saved) != len(trainable) or any(s.shape != p.shape for s, p in zip(saved, trainable, strict=True)):
+        raise CheckpointError(f"the {stage} checkpoint does not match this model's {stage} parameters; delete it "
+                              "or use the model and adapter config it was made with")
+    with torch.no_grad():
+        for s, p in zip(saved, trainable, strict=True):
+            p.copy_(s.to(p.device, p.dtype))
+    opt.load_state_dict(state["optimizer"])
+    result.epoch_losses = list(state["losses"])
+    result.resumed_from_epoch = int(state["epoch"])
+    log.info("%s: resumed after epoch %d", stage, result.resumed_from_epoch)
+    return result.resumed_from_epoch
+
+
+def unknown_user_dropout(model: ProperModel, prob: float, seed: int) -> Callable[[list[str], int], torch.Tensor]:
+    """User rows for a group-stage batch, with a fraction `prob` replaced by the unknown-user row (cold start)."""
+
+    def rows(user_ids: list[str], step: int) -> torch.Tensor:
+        r = model.user_rows(user_ids)
+        if prob > 0:
+            drop = torch.rand(len(user_ids), generator=torch.Generator().manual_seed(seed * 104729 + step)) < prob
+            r = torch.where(drop.to(r.device), torch.full_like(r, UNKNOWN_USER), r)
+        return r
+
+    return rows
