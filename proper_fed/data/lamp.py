@@ -89,6 +89,14 @@ def load_lamp(
     if not records:
         raise DataError(f"{qpath}: no questions")
     parsed = [_question(r, i, qpath) for i, r in enumerate(records)]
+    first_index: dict[str, int] = {}
+    for index, (qid, *_rest) in enumerate(parsed):
+        if qid in first_index:
+            raise DataError(
+                f"{qpath}: records {first_index[qid]} and {index}: question id {qid!r} appears twice; "
+                "ids must be unique"
+            )
+        first_index[qid] = index
 
     outputs_doc = None
     golds: dict[str, str] | None = None
@@ -117,11 +125,7 @@ def _group(
     """Questions -> users, in order of first appearance; a question without a user key is its own user."""
     profiles: dict[str, dict[str, ProfileItem]] = {}
     queries: dict[str, list[Query]] = {}
-    seen_qids: set[str] = set()
     for index, (qid, text, user, items) in enumerate(parsed):
-        if qid in seen_qids:
-            raise DataError(f"{path}: record {index}: question id {qid!r} appears twice; ids must be unique")
-        seen_qids.add(qid)
         uid = user if user is not None else qid
         merge_profile(profiles.setdefault(uid, {}), items, f"{path}: record {index} (id {qid!r})")
         queries.setdefault(uid, []).append(Query(qid, text, None if golds is None else golds[qid]))
