@@ -39,9 +39,11 @@ def _fmt(value: float) -> str:
 
 
 def _print_stats(stats: DatasetStats, console: Console) -> None:
-    overview = Table(title=f"{stats.source}", show_header=False)
+    overview = Table(show_header=False)
+    overview.add_row("source", stats.source)
     overview.add_row("task", f"{stats.task} ({stats.task_type})")
-    overview.add_row("users", str(stats.users))
+    users = f"{stats.users} ({stats.server_users} server-side in the source)" if stats.server_users else ""
+    overview.add_row("users", users or str(stats.users))
     overview.add_row("queries", f"{stats.queries} ({stats.queries_with_gold} with gold)")
     overview.add_row("profile items", str(stats.profile_items))
     console.print(overview)
@@ -65,8 +67,13 @@ def _print_stats(stats: DatasetStats, console: Console) -> None:
         n_items = sum(stats.profile_labels.values()) or 1
         n_golds = sum(stats.gold_labels.values()) or 1
         for label in dict.fromkeys([*stats.profile_labels, *stats.gold_labels]):
-            p, g = stats.profile_labels.get(label, 0), stats.gold_labels.get(label, 0)
-            labels.add_row(label, str(p), f"{100 * p / n_items:.1f}", str(g), f"{100 * g / n_golds:.1f}")
+            g = stats.gold_labels.get(label, 0)
+            if stats.profile_labels:
+                p = stats.profile_labels.get(label, 0)
+                profile = (str(p), f"{100 * p / n_items:.1f}")
+            else:  # the task's history items carry no label (LaMP-1)
+                profile = ("-", "-")
+            labels.add_row(label, *profile, str(g), f"{100 * g / n_golds:.1f}")
         console.print(labels)
 
     if stats.baselines:

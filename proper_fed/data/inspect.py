@@ -39,6 +39,7 @@ def spread(values: list[int]) -> dict[str, float]:
 class DatasetStats:
     """What `data inspect` reports.
 
+    server_users: users the source itself puts on the server side (OPPU's user_others), else 0.
     items_per_user / queries_per_user: `spread` of per-user counts.
     profile_labels / gold_labels: label -> count, in label-set order (empty for generation tasks).
     baselines: name -> {"label": ... (majority only), metric: value}, scored on the queries; empty when the
@@ -49,6 +50,7 @@ class DatasetStats:
     task: str
     task_type: str
     users: int
+    server_users: int
     queries: int
     queries_with_gold: int
     profile_items: int
@@ -88,6 +90,7 @@ def inspect_dataset(dataset: Dataset) -> DatasetStats:
         task=task.name,
         task_type=task.type,
         users=len(users),
+        server_users=len(dataset.server_user_ids),
         queries=len(queries),
         queries_with_gold=with_gold,
         profile_items=sum(len(u.profile) for u in users),

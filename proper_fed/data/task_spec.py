@@ -27,6 +27,7 @@ import string
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ class TaskSpec:
     def labels_text(self) -> str:
         return ", ".join(self.labels)
 
-    @property
+    @cached_property  # checked for every profile item while loading; the template never changes
     def item_fields(self) -> tuple[str, ...]:
         """Profile-item keys every item must have for this task."""
         names = [n for n in template_fields(self.profile_template, self.name) if n != "labels"]
