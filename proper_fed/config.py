@@ -23,13 +23,21 @@ def _need(cond: bool, field_name: str, value: Any, fix: str) -> None:
 
 
 def _positive_int(name: str, value: Any) -> None:
-    _need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
-          "use an integer >= 1")
+    _need(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        name,
+        value,
+        "use an integer >= 1",
+    )
 
 
 def _positive_float(name: str, value: Any) -> None:
-    _need(isinstance(value, int | float) and not isinstance(value, bool) and value > 0, name, value,
-          "use a number > 0")
+    _need(
+        isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+        name,
+        value,
+        "use a number > 0",
+    )
 
 
 class _FromDict:
@@ -64,8 +72,12 @@ class BackboneConfig(_FromDict):
     load_in_4bit: bool = False
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.model, str) and bool(self.model), "model", self.model,
-              "pass 'smollm2-135m', 'tiny' or a local model folder")
+        _need(
+            isinstance(self.model, str) and bool(self.model),
+            "model",
+            self.model,
+            "pass 'smollm2-135m', 'tiny' or a local model folder",
+        )
         _need(self.device in DEVICES, "device", self.device, f"use one of {DEVICES}")
         _need(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
 
@@ -92,12 +104,20 @@ class AdapterConfig(_FromDict):
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        _need(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
-              "target_modules", self.target_modules, "use at least one linear name, e.g. ['gate_proj', 'up_proj']")
+        _need(
+            len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+            "target_modules",
+            self.target_modules,
+            "use at least one linear name, e.g. ['gate_proj', 'up_proj']",
+        )
         for name in ("population_rank", "group_rank", "user_rank", "user_embedding_dim"):
             _positive_int(name, getattr(self, name))
-        _need(isinstance(self.num_experts, int) and self.num_experts >= 1, "num_experts", self.num_experts,
-              "use k >= 1 experts (the paper uses 5)")
+        _need(
+            isinstance(self.num_experts, int) and self.num_experts >= 1,
+            "num_experts",
+            self.num_experts,
+            "use k >= 1 experts (the paper uses 5)",
+        )
         _positive_float("alpha", self.alpha)
 
 
@@ -127,10 +147,18 @@ class TrainConfig(_FromDict):
             _positive_int(name, getattr(self, name))
         _positive_float("lr", self.lr)
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use a number >= 0")
-        _need(self.constraint_weight >= 0, "constraint_weight", self.constraint_weight,
-              "use lambda >= 0 (0 disables the constraint loss)")
-        _need(0 <= self.unknown_user_prob < 1, "unknown_user_prob", self.unknown_user_prob,
-              "use a fraction in [0, 1)")
+        _need(
+            self.constraint_weight >= 0,
+            "constraint_weight",
+            self.constraint_weight,
+            "use lambda >= 0 (0 disables the constraint loss)",
+        )
+        _need(
+            0 <= self.unknown_user_prob < 1,
+            "unknown_user_prob",
+            self.unknown_user_prob,
+            "use a fraction in [0, 1)",
+        )
         _need(isinstance(self.seed, int), "seed", self.seed, "use an integer")
 
 
@@ -146,10 +174,17 @@ class ProperConfig(_FromDict):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ProperConfig:
-        parts = {"backbone": BackboneConfig, "adapters": AdapterConfig, "population": TrainConfig,
-                 "group": TrainConfig, "user": TrainConfig}
+        parts = {
+            "backbone": BackboneConfig,
+            "adapters": AdapterConfig,
+            "population": TrainConfig,
+            "group": TrainConfig,
+            "user": TrainConfig,
+        }
         unknown = sorted(set(values) - set(parts))
         if unknown:
-            raise ConfigError(f"ProperConfig: unknown section(s) {unknown}; valid sections are {sorted(parts)}")
+            raise ConfigError(
+                f"ProperConfig: unknown section(s) {unknown}; valid sections are {sorted(parts)}"
+            )
         built = {k: parts[k].from_dict(v) for k, v in values.items()}
         return cls(**built)

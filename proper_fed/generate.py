@@ -11,9 +11,15 @@ from proper_fed.proper_model import ProperModel
 
 
 @torch.no_grad()
-def generate(model: ProperModel, prompts: Sequence[str], user_ids: Sequence[str] | None = None,
-             max_new_tokens: int = 16, batch_size: int = 8, max_prompt_tokens: int = 512,
-             progress: bool = False) -> list[str]:
+def generate(
+    model: ProperModel,
+    prompts: Sequence[str],
+    user_ids: Sequence[str] | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 512,
+    progress: bool = False,
+) -> list[str]:
     """Answer each prompt greedily; `user_ids` pick the user embeddings when the user-aware router is on."""
     backbone, tok = model.backbone, model.backbone.tokenizer
     user_ids = list(user_ids) if user_ids is not None else [""] * len(prompts)
@@ -25,15 +31,29 @@ def generate(model: ProperModel, prompts: Sequence[str], user_ids: Sequence[str]
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
-            texts = [backbone.format_prompt(p) for p in prompts[start:start + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
-                      max_length=max_prompt_tokens).to(backbone.device)
-            model.prepare(model.user_rows(user_ids[start:start + batch_size]))
+            texts = [backbone.format_prompt(p) for p in prompts[start : start + batch_size]]
+            enc = tok(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_prompt_tokens,
+            ).to(backbone.device)
+            model.prepare(model.user_rows(user_ids[start : start + batch_size]))
             with backbone.autocast():
                 out = backbone.model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
-                    top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]  # (B, new tokens)
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]  # (B, new tokens)
             outputs.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
     finally:
         tok.padding_side, tok.truncation_side = old_sides

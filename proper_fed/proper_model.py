@@ -49,16 +49,28 @@ class ProperModel(nn.Module):
     # ----- construction -----
     def _inject(self) -> None:
         targets = set(self.cfg.target_modules)
-        found = [(name, m) for name, m in self.lm.named_modules()
-                 if name.rsplit(".", 1)[-1] in targets and _is_linear(m)]
+        found = [
+            (name, m)
+            for name, m in self.lm.named_modules()
+            if name.rsplit(".", 1)[-1] in targets and _is_linear(m)
+        ]
         if not found:
-            raise CheckpointError(f"no linear named {sorted(targets)} in {type(self.lm).__name__}; set "
-                                  "adapters.target_modules to names of its linears")
+            raise CheckpointError(
+                f"no linear named {sorted(targets)} in {type(self.lm).__name__}; set "
+                "adapters.target_modules to names of its linears"
+            )
         for name, base in found:
             parent_name, _, child = name.rpartition(".")
             wrapped = ProperLinear(base, self.cfg, self.ctx, self.gen)
             self.lm.get_submodule(parent_name).register_module(child, wrapped)
             self.layers[name] = wrapped
+
+    def remove(self) -> None:
+        """Put the original linears back, so another ProperModel (other k, other ranks) can wrap the same base."""
+        for name, wrapped in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            self.lm.get_submodule(parent_name).register_module(child, wrapped.base)
+        self.layers = {}
 
     def to_adapter_device(self) -> None:
         dev = self.backbone.device
@@ -76,8 +88,11 @@ class ProperModel(nn.Module):
         """Every parameter of one scope, keyed by its full name (the names used on disk and on the wire)."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; use one of {SCOPES}")
-        params = {f"{name}.{p}": t for name, layer in self.layers.items()
-                  for p, t in layer.scope_parameters(scope).items()}
+        params = {
+            f"{name}.{p}": t
+            for name, layer in self.layers.items()
+            for p, t in layer.scope_parameters(scope).items()
+        }
         if scope == "group":
             params["lora_user_embedding.weight"] = self.lora_user_embedding.weight
         return params
@@ -122,8 +137,13 @@ class ProperModel(nn.Module):
             layer.merge_population()
 
     # ----- forward -----
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                user_rows: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        user_rows: torch.Tensor | None = None,
+        **kwargs,
+    ):
         self.prepare(user_rows)
         with self.backbone.autocast():
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -140,33 +160,46 @@ class ProperModel(nn.Module):
 
     # ----- save / load per scope -----
     def scope_state_dict(self, scope: str) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.scope_parameters(scope).items()}
+        return {
+            k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.scope_parameters(scope).items()
+        }
 
     def scope_meta(self, scope: str) -> dict:
-        meta = {"format_version": FORMAT_VERSION, "scope": scope, "adapters": _jsonable(self.cfg.to_dict()),
-                "base_model": self.backbone.name}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "scope": scope,
+            "adapters": _jsonable(self.cfg.to_dict()),
+            "base_model": self.backbone.name,
+        }
         if scope == "group":
             meta["user_index"] = self.user_index
         return meta
 
-    def load_scope_state_dict(self, scope: str, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    def load_scope_state_dict(
+        self, scope: str, state: dict[str, torch.Tensor], meta: dict | None = None
+    ) -> None:
         if scope == "group" and meta is not None and "user_index" in meta:
             self.user_index = dict(meta["user_index"])
             rows = len(self.user_index) + 1
             if self.lora_user_embedding.weight.shape[0] != rows:
                 self.lora_user_embedding = nn.Embedding(rows, self.cfg.user_embedding_dim).to(
-                    self.backbone.device)
+                    self.backbone.device
+                )
         params = self.scope_parameters(scope)
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
-            raise CheckpointError(f"{scope} adapter does not fit this model: missing {missing[:3]}, unexpected "
-                                  f"{unexpected[:3]}; was it saved with the same model and adapter config?")
+            raise CheckpointError(
+                f"{scope} adapter does not fit this model: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}; was it saved with the same model and adapter config?"
+            )
         with torch.no_grad():
             for name, p in params.items():
                 t = state[name]
                 if t.shape != p.shape:
-                    raise CheckpointError(f"{scope} tensor {name} has shape {tuple(t.shape)}, this model expects "
-                                          f"{tuple(p.shape)}: ranks or num_experts differ from the saved config")
+                    raise CheckpointError(
+                        f"{scope} tensor {name} has shape {tuple(t.shape)}, this model expects "
+                        f"{tuple(p.shape)}: ranks or num_experts differ from the saved config"
+                    )
                 p.copy_(t.to(p.device, p.dtype))
 
     def save_scope(self, scope: str, folder: str | Path) -> Path:
@@ -187,11 +220,15 @@ class ProperModel(nn.Module):
         folder = Path(folder)
         path, meta_path = folder / f"{scope}.safetensors", folder / f"{scope}.json"
         if not path.exists() or not meta_path.exists():
-            raise CheckpointError(f"no saved {scope} adapter in {folder} (expected {path.name} and {meta_path.name})")
+            raise CheckpointError(
+                f"no saved {scope} adapter in {folder} (expected {path.name} and {meta_path.name})"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{meta_path} has format_version {meta.get('format_version')}, this proper-fed "
-                                  f"reads {FORMAT_VERSION}")
+            raise CheckpointError(
+                f"{meta_path} has format_version {meta.get('format_version')}, this proper-fed "
+                f"reads {FORMAT_VERSION}"
+            )
         saved = AdapterConfig.from_dict(meta["adapters"])
         if saved != self.cfg:
             raise CheckpointError(f"{path} was saved with adapter config {saved}, this model has {self.cfg}")

@@ -48,8 +48,9 @@ def per_user_routing(gates: torch.Tensor, mask: torch.Tensor, user_idx: torch.Te
     return (one_hot.T @ row_sum) / (one_hot.T @ row_cnt).clamp_min(1.0)  # (U, k)
 
 
-def constraint_loss(gates_per_layer: list[torch.Tensor], mask: torch.Tensor, user_idx: torch.Tensor,
-                    unknown_idx: int = 0) -> torch.Tensor:
+def constraint_loss(
+    gates_per_layer: list[torch.Tensor], mask: torch.Tensor, user_idx: torch.Tensor, unknown_idx: int = 0
+) -> torch.Tensor:
     """Mean pairwise cosine similarity of different users' mean routing vectors, averaged over layers.
 
     Low when users route to different experts; its gradient pushes users' routing apart, which keeps the

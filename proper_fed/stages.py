@@ -22,8 +22,12 @@ from proper_fed.trainer import Checkpointer, StageResult, run_stage, unknown_use
 USER_EXPERT_MIXES = {"lora_router": "lora_router", "uniform": "uniform", "none": "none"}
 
 
-def train_population(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig,
-                     checkpointer: Checkpointer | None = None) -> StageResult:
+def train_population(
+    model: ProperModel,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    checkpointer: Checkpointer | None = None,
+) -> StageResult:
     """Stage 1: one LoRA on all users' data; afterwards frozen."""
     model.set_mode(population=True)
     trainable = model.set_trainable(["population"])
@@ -37,33 +41,59 @@ def _constraint(weight: float):
     return extra if weight > 0 else None
 
 
-def _group_like(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig, scopes: list[str],
-                stage: str, checkpointer: Checkpointer | None) -> StageResult:
+def _group_like(
+    model: ProperModel,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    scopes: list[str],
+    stage: str,
+    checkpointer: Checkpointer | None,
+) -> StageResult:
     model.set_users(ex.user_id for ex in examples)
     model.set_mode(population=True, experts="user_router")
     model.ctx.record = cfg.constraint_weight > 0
     trainable = model.set_trainable(scopes)
-    return run_stage(model, examples, cfg, stage, trainable,
-                     user_rows_fn=unknown_user_dropout(model, cfg.unknown_user_prob, cfg.seed),
-                     extra_loss=_constraint(cfg.constraint_weight), checkpointer=checkpointer)
+    return run_stage(
+        model,
+        examples,
+        cfg,
+        stage,
+        trainable,
+        user_rows_fn=unknown_user_dropout(model, cfg.unknown_user_prob, cfg.seed),
+        extra_loss=_constraint(cfg.constraint_weight),
+        checkpointer=checkpointer,
+    )
 
 
-def train_group(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig,
-                checkpointer: Checkpointer | None = None) -> StageResult:
+def train_group(
+    model: ProperModel,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    checkpointer: Checkpointer | None = None,
+) -> StageResult:
     """Stage 2: k expert LoRAs, the user-aware router and the user embeddings, with the constraint loss;
     the population adapter stays frozen. The users of `examples` get rows in the user table."""
     return _group_like(model, examples, cfg, ["group"], "group", checkpointer)
 
 
-def train_end_to_end(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig,
-                     checkpointer: Checkpointer | None = None) -> StageResult:
+def train_end_to_end(
+    model: ProperModel,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    checkpointer: Checkpointer | None = None,
+) -> StageResult:
     """Ablation: the population LoRA, experts, router and user embeddings trained jointly from scratch
     (what stages 1 and 2 learn progressively). Give it the epochs of both stages for a fair comparison."""
     return _group_like(model, examples, cfg, ["population", "group"], "end_to_end", checkpointer)
 
 
-def train_user(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig, expert_mix: str = "lora_router",
-               checkpointer: Checkpointer | None = None) -> StageResult:
+def train_user(
+    model: ProperModel,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    expert_mix: str = "lora_router",
+    checkpointer: Checkpointer | None = None,
+) -> StageResult:
     """Stage 3, on one user's own history: a fresh user LoRA and LoRA-aware router over the frozen experts.
 
     expert_mix: "lora_router" (PROPER), "uniform" (ablation: experts mixed 1/k) or "none" (OPPU).

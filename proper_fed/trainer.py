@@ -63,9 +63,16 @@ class StageResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_stage(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig, stage: str,
-              trainable: list[torch.nn.Parameter], user_rows_fn: Callable[[list[str], int], torch.Tensor] | None = None,
-              extra_loss: ExtraLoss | None = None, checkpointer: Checkpointer | None = None) -> StageResult:
+def run_stage(
+    model: ProperModel,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    stage: str,
+    trainable: list[torch.nn.Parameter],
+    user_rows_fn: Callable[[list[str], int], torch.Tensor] | None = None,
+    extra_loss: ExtraLoss | None = None,
+    checkpointer: Checkpointer | None = None,
+) -> StageResult:
     if not examples:
         raise ValueError(f"{stage} stage got no training examples")
     torch.manual_seed(cfg.seed)
@@ -82,13 +89,26 @@ def run_stage(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig,
     t0 = time.perf_counter()
     try:
         for epoch in range(start, cfg.epochs):
-            order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-            total, bar = 0.0, tqdm(range(n_batches), desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
-                                   disable=not cfg.progress, leave=False)
+            order = torch.randperm(
+                len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            )
+            total, bar = (
+                0.0,
+                tqdm(
+                    range(n_batches),
+                    desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
+                    disable=not cfg.progress,
+                    leave=False,
+                ),
+            )
             for step in bar:
-                items = [encoded[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+                items = [encoded[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
                 batch = collate(items, backbone.tokenizer.pad_token_id, backbone.device)
-                rows = user_rows_fn([it.user_id for it in items], epoch * n_batches + step) if user_rows_fn else None
+                rows = (
+                    user_rows_fn([it.user_id for it in items], epoch * n_batches + step)
+                    if user_rows_fn
+                    else None
+                )
                 out = model(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
                 loss = target_loss(out.logits, batch["labels"])
                 if extra_loss is not None:
@@ -116,24 +136,39 @@ def run_stage(model: ProperModel, examples: Sequence[Example], cfg: TrainConfig,
     return result
 
 
-def _checkpoint_bytes(trainable: list[torch.nn.Parameter], opt: torch.optim.Optimizer, epoch: int,
-                      losses: list[float]) -> bytes:
+def _checkpoint_bytes(
+    trainable: list[torch.nn.Parameter], opt: torch.optim.Optimizer, epoch: int, losses: list[float]
+) -> bytes:
     buf = io.BytesIO()
-    torch.save({"epoch": epoch, "losses": losses, "params": [p.detach().cpu() for p in trainable],
-                "optimizer": opt.state_dict()}, buf)
+    torch.save(
+        {
+            "epoch": epoch,
+            "losses": losses,
+            "params": [p.detach().cpu() for p in trainable],
+            "optimizer": opt.state_dict(),
+        },
+        buf,
+    )
     return buf.getvalue()
 
 
-def _resume(checkpointer: Checkpointer | None, trainable: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-            result: StageResult, stage: str) -> int:
+def _resume(
+    checkpointer: Checkpointer | None,
+    trainable: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    result: StageResult,
+    stage: str,
+) -> int:
     data = checkpointer.load() if checkpointer is not None else None
     if data is None:
         return 0
     state = torch.load(io.BytesIO(data), weights_only=True)
     saved = state["params"]
     if len(saved) != len(trainable) or any(s.shape != p.shape for s, p in zip(saved, trainable, strict=True)):
-        raise CheckpointError(f"the {stage} checkpoint does not match this model's {stage} parameters; delete it "
-                              "or use the model and adapter config it was made with")
+        raise CheckpointError(
+            f"the {stage} checkpoint does not match this model's {stage} parameters; delete it "
+            "or use the model and adapter config it was made with"
+        )
     with torch.no_grad():
         for s, p in zip(saved, trainable, strict=True):
             p.copy_(s.to(p.device, p.dtype))
@@ -144,13 +179,18 @@ def _resume(checkpointer: Checkpointer | None, trainable: list[torch.nn.Paramete
     return result.resumed_from_epoch
 
 
-def unknown_user_dropout(model: ProperModel, prob: float, seed: int) -> Callable[[list[str], int], torch.Tensor]:
+def unknown_user_dropout(
+    model: ProperModel, prob: float, seed: int
+) -> Callable[[list[str], int], torch.Tensor]:
     """User rows for a group-stage batch, with a fraction `prob` replaced by the unknown-user row (cold start)."""
 
     def rows(user_ids: list[str], step: int) -> torch.Tensor:
         r = model.user_rows(user_ids)
         if prob > 0:
-            drop = torch.rand(len(user_ids), generator=torch.Generator().manual_seed(seed * 104729 + step)) < prob
+            drop = (
+                torch.rand(len(user_ids), generator=torch.Generator().manual_seed(seed * 104729 + step))
+                < prob
+            )
             r = torch.where(drop.to(r.device), torch.full_like(r, UNKNOWN_USER), r)
         return r
 

@@ -35,7 +35,9 @@ def _register() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("PROPER_FED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("PROPER_FED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+    )
     _register()
     try:
         app()

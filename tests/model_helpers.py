@@ -23,8 +23,11 @@ def planted_groups(n_users: int = 8, per_user: int = 12) -> list[Example]:
     prompt carries no signal, so only knowing the user's group helps. (A rule that also depends on the word
     would test the tiny random model's frozen attention, not our adapters.)"""
     words = ["cat", "dog", "tree", "river"]
-    return [Example(f"user{u}", f"item about {words[i % len(words)]}", "beta" if u % 2 else "alpha")
-            for u in range(n_users) for i in range(per_user)]
+    return [
+        Example(f"user{u}", f"item about {words[i % len(words)]}", "beta" if u % 2 else "alpha")
+        for u in range(n_users)
+        for i in range(per_user)
+    ]
 
 
 def batch_for(model: ProperModel, examples: list[Example]):

@@ -94,8 +94,10 @@ def test_batched_experts_match_a_loop_over_experts(tiny_backbone):
     layer = next(iter(model.layers.values()))
     x = torch.randn(2, 5, layer.in_features)
     gates = torch.softmax(torch.randn(2, 5, layer.k), -1)
-    want = sum(gates[..., i:i + 1] * layer.s_g * (x @ layer.lora_expert_A[i].T @ layer.lora_expert_B[i].T)
-               for i in range(layer.k))
+    want = sum(
+        gates[..., i : i + 1] * layer.s_g * (x @ layer.lora_expert_A[i].T @ layer.lora_expert_B[i].T)
+        for i in range(layer.k)
+    )
     torch.testing.assert_close(layer._mix_experts(x, gates), want, rtol=1e-5, atol=1e-6)
 
 

@@ -36,8 +36,9 @@ def test_unknown_keys_are_refused_not_ignored():
 
 
 def test_from_dict_round_trip():
-    cfg = ProperConfig.from_dict({"adapters": {"num_experts": 8, "target_modules": ["up_proj"]},
-                                  "group": {"constraint_weight": 0.0}})
+    cfg = ProperConfig.from_dict(
+        {"adapters": {"num_experts": 8, "target_modules": ["up_proj"]}, "group": {"constraint_weight": 0.0}}
+    )
     assert cfg.adapters.num_experts == 8 and cfg.adapters.target_modules == ("up_proj",)
     assert cfg.group.constraint_weight == 0.0
     assert AdapterConfig.from_dict(cfg.adapters.to_dict()) == cfg.adapters

@@ -23,7 +23,11 @@ def _snapshot(model):
 
 def _changed(before, model):
     after = _snapshot(model)
-    return {n for n in before if n in after and (before[n].shape != after[n].shape or not torch.equal(before[n], after[n]))}
+    return {
+        n
+        for n in before
+        if n in after and (before[n].shape != after[n].shape or not torch.equal(before[n], after[n]))
+    }
 
 
 def _scope_names(model, scope):
@@ -40,18 +44,27 @@ def test_each_stage_changes_exactly_its_own_parameters(tiny_backbone, stage):
     if stage == "user":
         stages.train_group(model, exs, FAST)
     before = _snapshot(model)
-    run = {"population": stages.train_population, "group": stages.train_group, "user": stages.train_user,
-           "end_to_end": stages.train_end_to_end}[stage]
+    run = {
+        "population": stages.train_population,
+        "group": stages.train_group,
+        "user": stages.train_user,
+        "end_to_end": stages.train_end_to_end,
+    }[stage]
     result = run(model, exs[:8] if stage == "user" else exs, FAST)
     changed = _changed(before, model)
-    scopes = {"population": ["population"], "group": ["group"], "user": ["user"],
-              "end_to_end": ["population", "group"]}[stage]
+    scopes = {
+        "population": ["population"],
+        "group": ["group"],
+        "user": ["user"],
+        "end_to_end": ["population", "group"],
+    }[stage]
     expected = set().union(*(_scope_names(model, s) for s in scopes))
     full = {n if n == "lora_user_embedding.weight" else n for n in expected}
     # every changed tensor belongs to the stage's scope, and every tensor of the scope changed
     assert changed == full, (sorted(changed - full)[:5], sorted(full - changed)[:5])
-    assert result.trainable_parameters == sum(model.scope_parameters(s)[n].numel() for s in scopes
-                                              for n in model.scope_parameters(s))
+    assert result.trainable_parameters == sum(
+        model.scope_parameters(s)[n].numel() for s in scopes for n in model.scope_parameters(s)
+    )
     assert not any(p.requires_grad for p in model.parameters()), "a stage must leave everything frozen"
 
 
@@ -101,8 +114,9 @@ def _mean_loss(model, exs, users=True):
 def test_planted_groups_each_stage_lowers_loss_and_groups_route_apart(tiny_backbone):
     exs = planted_groups(8, 12)
     model = fresh_model(tiny_backbone)
-    cfg = TrainConfig(epochs=6, lr=1e-2, batch_size=8, progress=False, constraint_weight=0.5,
-                      unknown_user_prob=0.0)
+    cfg = TrainConfig(
+        epochs=6, lr=1e-2, batch_size=8, progress=False, constraint_weight=0.5, unknown_user_prob=0.0
+    )
     stages.serving_mode(model, "base")
     base_loss = _mean_loss(model, exs, users=False)
     stages.train_population(model, exs, cfg)
@@ -130,7 +144,9 @@ def test_planted_groups_each_stage_lowers_loss_and_groups_route_apart(tiny_backb
         model(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
     model.ctx.record = False
     group_of = torch.tensor([int(e.user_id[4:]) % 2 for e in exs])
-    g = torch.stack([per_user_routing(x, batch["attention_mask"], group_of) for x in model.ctx.gates])  # (L, 2, k)
+    g = torch.stack(
+        [per_user_routing(x, batch["attention_mask"], group_of) for x in model.ctx.gates]
+    )  # (L, 2, k)
     l1 = (g[:, 0] - g[:, 1]).abs().sum(-1)  # (L,) L1 distance between the two groups' routing
     assert l1.mean() > 0.2, l1
     assert (g[:, 0].argmax(-1) != g[:, 1].argmax(-1)).float().mean() >= 0.5

@@ -1,0 +1,252 @@
+"""Everything a device does for the user stage: find its user's data, check the bundle, get the base, load
+it 4-bit, personalize, keep the adapter encrypted on disk, and reduce the outcome to numbers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.store import AdapterStore
+from proper_fed import crypto
+from proper_fed.backbone import Backbone, cache_dir, load_backbone
+from proper_fed.base_store import find_base, store_base
+from proper_fed.bundle import Bundle, bundle_from_records, tensor_from_numpy, verify_bundle
+from proper_fed.config import AdapterConfig, BackboneConfig
+from proper_fed.data import device_eval_examples, device_training_examples, load_dataset
+from proper_fed.data.task_spec import TaskSpec
+from proper_fed.data.types import User
+from proper_fed.errors import BundleError, ConfigError
+from proper_fed.metric_stats import query_stats
+from proper_fed.personalize import DEVICE_METHODS, personalize_user, run_method
+from proper_fed.proper_model import ProperModel
+from proper_fed.run_settings import RunSettings, load_split
+
+log = logging.getLogger(__name__)
+
+_BACKBONES: dict[tuple[str, str], Backbone] = {}  # one loaded base per process, reused across users
+
+
+@dataclass(frozen=True)
+class DeviceUser:
+    task: TaskSpec
+    user: User
+
+
+def device_user(settings: RunSettings, node_config: Mapping[str, Any]) -> DeviceUser:
+    """This device's user: its own data file in deployment, or its partition of the run's devices in simulation."""
+    if "data-path" in node_config:
+        task = str(node_config.get("task", "")) or settings.task
+        spec = task if task.endswith(".toml") else None
+        dataset = load_dataset(
+            str(node_config["data-path"]), task=None if spec else (task or None), spec=spec
+        )
+        wanted = str(node_config.get("user-id", ""))
+        users = [u for u in dataset.users if not wanted or u.user_id == wanted]
+        if len(users) != 1:
+            raise ConfigError(
+                f"{node_config['data-path']} holds {len(users)} matching users; a device serves "
+                "one: set node-config user-id=<id>"
+            )
+        return DeviceUser(dataset.task, users[0])
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "this SuperNode has neither data-path nor partition-id in its node config; enroll it "
+            "with `proper-fed client enroll --data FILE`"
+        )
+    split = load_split(settings)
+    pid = int(node_config["partition-id"])
+    if pid >= len(split.device_users):
+        raise ConfigError(
+            f"partition-id {pid} but the run has {len(split.device_users)} device users; run as "
+            "many SuperNodes as device users"
+        )
+    return DeviceUser(split.task, split.device_users[pid])
+
+
+def server_public_key(settings: RunSettings, node_config: Mapping[str, Any]):
+    """The key the device trusts: pinned in its node config at enrollment (never taken from the server)."""
+    path = Path(str(node_config.get("server-public-key", "")) or settings.public_key_path)
+    if not path.exists():
+        raise BundleError(
+            f"no server public key at {path}: the device cannot check the bundle; pass the "
+            "server's signing.pub with --server-key when enrolling"
+        )
+    return crypto.load_public_key(path)
+
+
+def receive_bundle(
+    arrays: Mapping[str, np.ndarray],
+    config: Mapping[str, str],
+    settings: RunSettings,
+    node_config: Mapping[str, Any],
+) -> Bundle:
+    bundle = bundle_from_records(arrays, config)
+    verify_bundle(bundle, server_public_key(settings, node_config))
+    return bundle
+
+
+def base_folder(
+    bundle: Bundle,
+    node_config: Mapping[str, Any],
+    base_arrays: Mapping[str, np.ndarray] | None,
+    base_files: Mapping[str, bytes] | None,
+    dtypes: str = "",
+) -> Path:
+    """A local folder holding exactly the base the bundle was built on (received now, or found locally)."""
+    digest = bundle.base_content_hash
+    if base_arrays is not None:
+        types = dict(kv.split("=", 1) for kv in dtypes.split(",") if kv)
+        state = {
+            k: tensor_from_numpy(v, getattr(torch, types.get(k, str(v.dtype))))
+            for k, v in base_arrays.items()
+        }
+        return store_base(digest, state, dict(base_files or {}))
+    extra = tuple(str(node_config[k]) for k in ("base-folder",) if k in node_config)
+    folder = find_base(digest, extra)
+    if folder is None:
+        raise BundleError(f"this device holds no base with hash {digest[:16]}... and none was sent")
+    return folder
+
+
+def load_device_backbone(folder: Path, settings: RunSettings) -> Backbone:
+    quant = settings.device_quantization
+    key = (str(folder), quant)
+    if key not in _BACKBONES:
+        cfg = settings.proper.backbone
+        _BACKBONES.clear()  # one base in memory at a time
+        _BACKBONES[key] = load_backbone(
+            BackboneConfig(model=str(folder), device=cfg.device, dtype=cfg.dtype, load_in_4bit=quant == "nf4")
+        )
+    return _BACKBONES[key]
+
+
+def server_model(backbone: Backbone, bundle: Bundle, variant: str) -> ProperModel:
+    """The frozen population + group stages of one server variant on this device's base."""
+    info = bundle.manifest["adapter_config"][variant]
+    model = ProperModel(backbone, AdapterConfig.from_dict(info["adapters"]))
+    # The server's user ids never ship: the device only needs the table's size; its own user is unknown to it.
+    meta = {"user_index": {f"#{i}": i for i in range(1, int(info["user_rows"]))}}
+    model.load_scope_state_dict("population", bundle.tensors[f"{variant}.population"])
+    model.load_scope_state_dict("group", bundle.tensors[f"{variant}.group"], meta)
+    return model
+
+
+def store_for(node_config: Mapping[str, Any], node_id: int) -> AdapterStore:
+    root = (
+        node_config.get("store-dir")
+        or os.environ.get("PROPER_FED_STORE")
+        or cache_dir() / "device-store" / str(node_id)
+    )
+    return AdapterStore.open(Path(str(root)))
+
+
+def personalize_device(
+    me: DeviceUser,
+    bundle: Bundle,
+    backbone: Backbone,
+    settings: RunSettings,
+    store: AdapterStore,
+    majority: str | None,
+) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """All methods for this device's user: numbers to send, predictions to keep."""
+    task, user = me.task, me.user
+    history = device_training_examples(task, user)
+    queries = device_eval_examples(task, user)
+    if not queries:
+        raise ConfigError(
+            f"user has no query with a gold answer to evaluate on ({len(user.queries)} queries)"
+        )
+    bundle_id = bundle.manifest["tensor_sha256"]
+    tag = hashlib.sha256(json.dumps(bundle_id, sort_keys=True).encode()).hexdigest()[:12]
+    cfg = settings.proper.user
+    numbers: dict[str, float] = {"history_len": float(len(user.profile)), "queries": float(len(queries))}
+    predictions: dict[str, list[str]] = {}
+
+    def keep(method: str, result) -> None:
+        numbers.update({f"{method}.{k}": float(v) for k, v in result.stats.items()})
+        numbers.update(
+            {
+                f"{method}.train_s": result.train_seconds,
+                f"{method}.eval_s": result.eval_seconds,
+                f"{method}.trainable_params": float(result.trainable_parameters),
+            }
+        )
+        predictions[method] = result.predictions
+
+    def save_adapter(method: str, model: ProperModel) -> None:
+        if method == "proper":
+            store.save_adapter(
+                user.user_id,
+                model.scope_state_dict("user"),
+                {"bundle": bundle_id, "variant": "proper", "base": bundle.base_content_hash},
+            )
+
+    model = server_model(backbone, bundle, "proper")
+    try:
+        results = personalize_user(
+            model,
+            settings.methods,
+            task,
+            history,
+            queries,
+            cfg,
+            checkpointer_for=lambda m: store.checkpointer(user.user_id, f"{m}-{tag}"),
+            on_trained=save_adapter,
+        )
+    finally:
+        model.remove()
+    for method, result in results.items():
+        keep(method, result)
+    for variant in settings.variants:
+        model = server_model(backbone, bundle, variant)
+        try:
+            keep(
+                variant,
+                run_method(
+                    model,
+                    variant,
+                    task,
+                    history,
+                    queries,
+                    cfg,
+                    store.checkpointer(user.user_id, f"{variant}-{tag}"),
+                ),
+            )
+        finally:
+            model.remove()
+    for method in (*settings.methods, *settings.variants):
+        if DEVICE_METHODS.get(method, ("", "x"))[1] is not None:
+            store.checkpointer(user.user_id, f"{method}-{tag}").path.unlink(missing_ok=True)
+    if task.labels:
+        golds = [q.target for q in queries]
+        own = [it.fields.get(task.output_field) for it in user.profile]
+        own = [str(x) for x in own if x is not None]
+        mine = max(sorted(set(own)), key=own.count) if own else (majority or "")
+        for method, label in (("majority", majority or ""), ("user_majority", mine)):
+            numbers.update(
+                {f"{method}.{k}": float(v) for k, v in query_stats(task, [label] * len(golds), golds).items()}
+            )
+            predictions[method] = [label] * len(golds)
+    return numbers, predictions
+
+
+def write_local_predictions(folder: str, me: DeviceUser, predictions: dict[str, list[str]]) -> None:
+    """Simulation only: each device keeps its raw predictions on its own disk, for LaMP's scorer."""
+    from proper_fed.atomic import atomic_write_text
+
+    queries = [q for q in me.user.queries if q.gold is not None]
+    for method, preds in predictions.items():
+        path = Path(folder) / method / f"{hashlib.sha256(me.user.user_id.encode()).hexdigest()[:16]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            path, json.dumps([{"id": q.id, "output": p} for q, p in zip(queries, preds, strict=True)])
+        )

@@ -1,0 +1,128 @@
+"""The settings of one federated run, parsed from Flower's flat run config (`[tool.flwr.app.config]` of
+pyproject.toml, overridden by `flwr run --run-config` or by `proper-fed simulate`).
+
+Flat keys: top-level run keys (`data`, `task`, `model`, ...) and `<section>.<field>` for the ProperConfig
+sections (`population.epochs`, `adapters.num-experts`, ...); dashes and underscores are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proper_fed.config import ProperConfig, _need
+from proper_fed.data import FederationSplit, load_dataset, split_federation
+from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic
+from proper_fed.errors import ConfigError
+from proper_fed.personalize import DEVICE_METHODS, VARIANT_METHODS
+
+SECTIONS = ("backbone", "adapters", "population", "group", "user")
+BUILTIN_DATA = "synthetic"
+
+
+def _csv(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run. `data` = "synthetic" (built-in grouped users) or a LaMP/OPPU path; `task` a task name or a
+    custom task spec (.toml), "" = detect. `methods` run on every device, `variants` are server ablations.
+    `device_outputs`: simulation only, a folder where each virtual device keeps its raw predictions."""
+
+    data: str = BUILTIN_DATA
+    task: str = ""
+    server_fraction: float = 0.5
+    max_users: int = 0
+    max_profile: int = 0
+    seed: int = 0
+    methods: tuple[str, ...] = ("zero_shot", "population", "proper_group", "oppu", "proper")
+    variants: tuple[str, ...] = ()
+    out: str = "runs/latest"
+    state_dir: str = ""
+    server_key: str = ""
+    server_public_key: str = ""
+    min_nodes: int = 1
+    node_wait_s: float = 120.0
+    device_quantization: str = "nf4"
+    reply_timeout_s: float = 3600.0
+    device_outputs: str = ""
+    proper: ProperConfig = field(default_factory=ProperConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in DEVICE_METHODS]
+        _need(not bad, "methods", ",".join(self.methods), f"use names from {sorted(DEVICE_METHODS)}")
+        bad = [v for v in self.variants if v not in VARIANT_METHODS]
+        _need(not bad, "variants", ",".join(self.variants), f"use names from {list(VARIANT_METHODS)}")
+        _need(
+            0 < self.server_fraction < 1, "server-fraction", self.server_fraction, "use a fraction in (0, 1)"
+        )
+        _need(
+            self.device_quantization in ("nf4", "none"),
+            "device-quantization",
+            self.device_quantization,
+            "use 'nf4' (4-bit bitsandbytes, the on-device default) or 'none'",
+        )
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else Path(self.out) / "server"
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.server_key) if self.server_key else self.state_path / "signing.key"
+
+    @property
+    def public_key_path(self) -> Path:
+        return Path(self.server_public_key) if self.server_public_key else self.key_path.with_suffix(".pub")
+
+    @classmethod
+    def from_run_config(cls, flat: dict[str, Any]) -> RunSettings:
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {s: {} for s in (*SECTIONS, "synthetic")}
+        names = {f for f in cls.__dataclass_fields__ if f not in ("proper", "synthetic")}
+        for key, value in flat.items():
+            section, _, name = key.replace("-", "_").rpartition(".")
+            if section:
+                if section not in nested:
+                    raise ConfigError(
+                        f"run config key {key!r}: unknown section {section!r}; use one of {sorted(nested)}"
+                    )
+                nested[section][name] = value
+            elif name in names:
+                top[name] = value
+            else:
+                raise ConfigError(
+                    f"run config key {key!r} is unknown; valid keys: {sorted(names)} and "
+                    f"<section>.<field> for sections {sorted(nested)}"
+                )
+        for key in ("methods", "variants"):
+            if key in top:
+                top[key] = _csv(top[key])
+        if "target_modules" in nested["adapters"]:
+            nested["adapters"]["target_modules"] = _csv(nested["adapters"]["target_modules"])
+        proper = ProperConfig.from_dict({s: v for s, v in nested.items() if s in SECTIONS and v})
+        synthetic = SyntheticConfig(**nested["synthetic"]) if nested["synthetic"] else SyntheticConfig()
+        return cls(**top, proper=proper, synthetic=synthetic)
+
+
+def load_split(settings: RunSettings) -> FederationSplit:
+    """The run's users split between server and devices; the same on every process for the same settings."""
+    if settings.data == BUILTIN_DATA:
+        dataset = generate_synthetic(settings.synthetic).dataset
+    else:
+        task, spec = (
+            (None, settings.task) if settings.task.endswith(".toml") else (settings.task or None, None)
+        )
+        dataset = load_dataset(settings.data, task=task, spec=spec)
+    return split_federation(
+        dataset,
+        settings.server_fraction,
+        settings.seed,
+        max_users=settings.max_users or None,
+        max_profile=settings.max_profile or None,
+    )

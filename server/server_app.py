@@ -1,0 +1,106 @@
+"""The Flower ServerApp: phase 1 trains the population and group stages on the server's users, phase 2
+builds and signs the bundle, phase 3 sends it to the devices (with the base only where it is missing),
+collects metrics only, and writes the results file."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from proper_fed.backbone import load_backbone
+from proper_fed.base_store import base_hash, load_base_state_dict, side_files
+from proper_fed.bundle import build_bundle
+from proper_fed.data import server_training_examples
+from proper_fed.data.baselines import majority_label
+from proper_fed.run_settings import RunSettings, load_split
+from server.results import DeviceReply, write_results
+from server.server_stages import train_all
+from server.signing import load_or_create_signing_key
+from server.wire import base_content, bundle_content, make_message, payload_bytes
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
+    start, nodes = time.monotonic(), []
+    while time.monotonic() - start < timeout_s:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
+            return nodes
+        time.sleep(1.0)
+    log.warning(
+        "only %d of %d devices connected within %.0f s; continuing with them", len(nodes), wanted, timeout_s
+    )
+    return nodes
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    t0 = time.perf_counter()
+    split = load_split(settings)
+    backbone = load_backbone(settings.proper.backbone)
+    models = train_all(
+        backbone, server_training_examples(split), settings.proper, settings.state_path, settings.variants
+    )
+    t_server = time.perf_counter() - t0
+
+    digest = base_hash(backbone.folder)
+    key = load_or_create_signing_key(settings.key_path, settings.public_key_path)
+    tensors = {
+        f"{name}.{scope}": getattr(m, scope)
+        for name, m in models.items()
+        for scope in ("population", "group")
+    }
+    bundle = build_bundle(
+        base_model_id=settings.proper.backbone.model,
+        base_content_hash=digest,
+        adapter_config={
+            name: {"adapters": m.adapters, "user_rows": len(m.group_meta["user_index"]) + 1}
+            for name, m in models.items()
+        },
+        stage_metrics={name: m.metrics for name, m in models.items()},
+        tensors=tensors,
+        private_key=key,
+    )
+    run_info: dict = {"task": split.task.name}
+    if split.task.labels:
+        run_info["majority-label"] = majority_label(split.task, split.server_users)
+
+    nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
+    replies: dict[int, DeviceReply] = {n: DeviceReply(n) for n in nodes}
+    probe = RecordDict({"base": ConfigRecord({"hash": digest})})
+    for msg in grid.send_and_receive(
+        [make_message(probe, n, "query.base", "base") for n in nodes], timeout=settings.node_wait_s
+    ):
+        r = replies[msg.metadata.src_node_id]
+        r.account("query_base", payload_bytes(probe), payload_bytes(msg.content) if msg.has_content() else 0)
+        r.has_base = msg.has_content() and bool(msg.content["base"]["has-base"])
+
+    t1 = time.perf_counter()
+    shared = bundle_content(bundle, run_info)
+    base = None
+    messages = []
+    for n in nodes:
+        content = RecordDict(dict(shared.items()))
+        if not replies[n].has_base:
+            base = base or base_content(
+                load_base_state_dict(backbone.folder), side_files(backbone.folder), digest
+            )
+            for k, v in base.items():
+                content[k] = v
+        replies[n].sent_train = payload_bytes(content)
+        messages.append(make_message(content, n, "train.user", "user"))
+    for msg in grid.send_and_receive(messages, timeout=settings.reply_timeout_s):
+        replies[msg.metadata.src_node_id].take_reply(msg)
+    timings = {
+        "server_stages_s": t_server,
+        "device_phase_s": time.perf_counter() - t1,
+        "total_s": time.perf_counter() - t0,
+    }
+    path = write_results(settings, split, models, replies, timings, digest)
+    log.warning("results written to %s", path)

@@ -1,0 +1,141 @@
+"""Stages 1 and 2 on the server's own users, resumable from the state folder, plus the server-side ablations
+(end-to-end, no constraint loss, other k), each giving a (population, group) pair that ships in the bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from proper_fed import stages
+from proper_fed.backbone import Backbone
+from proper_fed.config import ProperConfig
+from proper_fed.errors import CheckpointError
+from proper_fed.example import Example
+from proper_fed.proper_model import ProperModel
+from proper_fed.trainer import FolderCheckpointer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerModel:
+    """The frozen population and group adapters of one variant, ready to ship."""
+
+    name: str
+    adapters: dict  # AdapterConfig as a dict
+    population: dict
+    group: dict
+    group_meta: dict
+    metrics: dict[str, float]
+
+
+def variant_config(cfg: ProperConfig, variant: str) -> tuple[ProperConfig, bool]:
+    """The config of a server variant and whether it trains end to end."""
+    if variant.startswith("proper_k"):
+        return dataclasses.replace(
+            cfg, adapters=dataclasses.replace(cfg.adapters, num_experts=int(variant[8:]))
+        ), False
+    if variant == "proper_no_constraint":
+        return dataclasses.replace(cfg, group=dataclasses.replace(cfg.group, constraint_weight=0.0)), False
+    if variant == "proper_end_to_end":
+        joint = dataclasses.replace(cfg.group, epochs=cfg.population.epochs + cfg.group.epochs)
+        return dataclasses.replace(cfg, group=joint), True
+    return cfg, False
+
+
+def _stage_done(folder: Path, scope: str) -> bool:
+    return (folder / f"{scope}.safetensors").exists() and (folder / f"{scope}.json").exists()
+
+
+def train_server_model(
+    backbone: Backbone,
+    examples: list[Example],
+    cfg: ProperConfig,
+    folder: Path,
+    name: str = "proper",
+    end_to_end: bool = False,
+    population_from: Path | None = None,
+) -> ServerModel:
+    """Train (or resume) one variant's server stages in `folder`; a finished stage is loaded, not retrained."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ProperModel(backbone, cfg.adapters, seed=cfg.population.seed)
+    metrics: dict[str, float] = {}
+    try:
+        if end_to_end:
+            if _stage_done(folder, "group") and _stage_done(folder, "population"):
+                model.load_scope("population", folder)
+                model.load_scope("group", folder)
+            else:
+                r = stages.train_end_to_end(
+                    model, examples, cfg.group, FolderCheckpointer(folder, "end_to_end")
+                )
+                metrics.update(_stage_metrics("end_to_end", r))
+                model.save_scope("population", folder)
+                model.save_scope("group", folder)
+        else:
+            pop_folder = population_from or folder
+            if _stage_done(pop_folder, "population"):
+                model.load_scope("population", pop_folder)
+            else:
+                r = stages.train_population(
+                    model, examples, cfg.population, FolderCheckpointer(folder, "population")
+                )
+                metrics.update(_stage_metrics("population", r))
+                model.save_scope("population", folder)
+            if _stage_done(folder, "group"):
+                model.load_scope("group", folder)
+            else:
+                r = stages.train_group(model, examples, cfg.group, FolderCheckpointer(folder, "group"))
+                metrics.update(_stage_metrics("group", r))
+                model.save_scope("group", folder)
+        metrics_file = folder / "metrics.json"
+        saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        saved.update(metrics)
+        metrics_file.write_text(json.dumps(saved, indent=2))
+        return ServerModel(
+            name,
+            model.scope_meta("group")["adapters"],
+            model.scope_state_dict("population"),
+            model.scope_state_dict("group"),
+            model.scope_meta("group"),
+            saved,
+        )
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (server state in {folder}: delete it to retrain from scratch)") from err
+    finally:
+        model.remove()
+
+
+def _stage_metrics(stage: str, r) -> dict[str, float]:
+    return {
+        f"{stage}.final_loss": r.epoch_losses[-1] if r.epoch_losses else float("nan"),
+        f"{stage}.seconds": r.seconds,
+        f"{stage}.steps": float(r.steps),
+        f"{stage}.trainable_parameters": float(r.trainable_parameters),
+    }
+
+
+def train_all(
+    backbone: Backbone, examples: list[Example], cfg: ProperConfig, state: Path, variants: tuple[str, ...]
+) -> dict[str, ServerModel]:
+    """PROPER's server stages and every requested ablation; variants reuse PROPER's population stage."""
+    out = {"proper": train_server_model(backbone, examples, cfg, state / "proper")}
+    for variant in variants:
+        vcfg, e2e = variant_config(cfg, variant)
+        if vcfg == cfg and not e2e:
+            out[variant] = dataclasses.replace(out["proper"], name=variant)
+            continue
+        log.info("server variant %s", variant)
+        out[variant] = train_server_model(
+            backbone,
+            examples,
+            vcfg,
+            state / variant,
+            variant,
+            e2e,
+            population_from=None if e2e else state / "proper",
+        )
+    return out
