@@ -149,6 +149,11 @@ def store_for(node_config: Mapping[str, Any], node_id: int) -> AdapterStore:
     return AdapterStore.open(Path(str(root)))
 
 
+def _stage_key(method: str, bundle_tag: str) -> str:
+    """Checkpoint name of one method's user stage under one bundle: a new bundle never resumes an old run."""
+    return hashlib.sha256(f"{method}:{bundle_tag}".encode()).hexdigest()[:24]
+
+
 def personalize_device(
     me: DeviceUser,
     bundle: Bundle,
@@ -199,7 +204,7 @@ def personalize_device(
             history,
             queries,
             cfg,
-            checkpointer_for=lambda m: store.checkpointer(user.user_id, f"{m}-{tag}"),
+            checkpointer_for=lambda m: store.checkpointer(user.user_id, _stage_key(m, tag)),
             on_trained=save_adapter,
         )
     finally:
@@ -218,14 +223,14 @@ def personalize_device(
                     history,
                     queries,
                     cfg,
-                    store.checkpointer(user.user_id, f"{variant}-{tag}"),
+                    store.checkpointer(user.user_id, _stage_key(variant, tag)),
                 ),
             )
         finally:
             model.remove()
     for method in (*settings.methods, *settings.variants):
         if DEVICE_METHODS.get(method, ("", "x"))[1] is not None:
-            store.checkpointer(user.user_id, f"{method}-{tag}").path.unlink(missing_ok=True)
+            store.checkpointer(user.user_id, _stage_key(method, tag)).path.unlink(missing_ok=True)
     if task.labels:
         golds = [q.target for q in queries]
         own = [it.fields.get(task.output_field) for it in user.profile]

@@ -38,10 +38,26 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
     return nodes
 
 
+def collect(grid: Grid, messages: list, timeout_s: float):
+    """Push, then pull replies as they come, logging progress and the time left (send_and_receive is silent)."""
+    ids = set(grid.push_messages(messages))
+    start, total, done = time.monotonic(), len(ids), 0
+    while ids and time.monotonic() - start < timeout_s:
+        for msg in grid.pull_messages(ids):
+            ids.discard(msg.metadata.reply_to_message_id)
+            done += 1
+            elapsed = time.monotonic() - start
+            log.warning("devices done %d/%d, %.0f s elapsed, about %.0f s left", done, total, elapsed,
+                        elapsed / done * (total - done))
+            yield msg
+        time.sleep(0.5)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     t0 = time.perf_counter()
+    log.warning("phase 1/3: server stages (population, group%s)", "".join(f", {v}" for v in settings.variants))
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)
     models = train_all(
@@ -49,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     t_server = time.perf_counter() - t0
 
+    log.warning("phase 2/3: signing the bundle")
     digest = base_hash(backbone.folder)
     key = load_or_create_signing_key(settings.key_path, settings.public_key_path)
     tensors = {
@@ -95,7 +112,8 @@ def main(grid: Grid, context: Context) -> None:
                 content[k] = v
         replies[n].sent_train = payload_bytes(content)
         messages.append(make_message(content, n, "train.user", "user"))
-    for msg in grid.send_and_receive(messages, timeout=settings.reply_timeout_s):
+    log.warning("phase 3/3: personalizing on %d devices", len(messages))
+    for msg in collect(grid, messages, settings.reply_timeout_s):
         replies[msg.metadata.src_node_id].take_reply(msg)
     timings = {
         "server_stages_s": t_server,

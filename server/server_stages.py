@@ -79,6 +79,8 @@ def train_server_model(
             pop_folder = population_from or folder
             if _stage_done(pop_folder, "population"):
                 model.load_scope("population", pop_folder)
+                if pop_folder != folder:  # each variant folder holds its whole server model
+                    model.save_scope("population", folder)
             else:
                 r = stages.train_population(
                     model, examples, cfg.population, FolderCheckpointer(folder, "population")

@@ -44,7 +44,12 @@ TOPIC_WORDS = (
     "space",
 )
 KINDS = ("post", "video", "note", "photo")
-FILLERS = ("today", "again", "tips", "news", "story", "update", "list", "clip")
+FILLERS = ("today", "again", "tips", "news", "story", "update", "list", "clip", "guide", "recap", "ideas",
+           "notes", "review", "thread", "facts", "basics", "trends", "questions", "moments", "picks")
+# A second word makes texts rarely repeat, so the leak guard (which drops history items identical to any
+# query) leaves the histories almost whole.
+MOODS = ("quick", "long", "funny", "calm", "old", "new", "odd", "weekly", "short", "local", "big", "daily",
+         "simple", "rare", "fresh", "late")
 TASK_NAME = "synthetic_groups"
 DEFAULT_LABELS = 5
 
@@ -202,7 +207,7 @@ def _user_rule(group_rule: dict[str, str], cfg: SyntheticConfig, rng: random.Ran
 def _draw(rule: dict[str, str], cfg: SyntheticConfig, rng: random.Random) -> tuple[str, str, str]:
     """One item: (text, topic, label)."""
     topic = rng.choice(TOPIC_WORDS[: cfg.topics])
-    text = f"{rng.choice(KINDS)} about {topic} {rng.choice(FILLERS)}"
+    text = f"{rng.choice(MOODS)} {rng.choice(KINDS)} about {topic} {rng.choice(FILLERS)}"
     label = rule[topic] if rng.random() >= cfg.noise else rng.choice(LABEL_WORDS[: cfg.labels])
     return text, topic, label
 

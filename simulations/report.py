@@ -1,0 +1,154 @@
+"""report.md from results.json: the comparison table, each stage's relative gain, cohorts, costs, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from proper_fed.atomic import atomic_write_text
+
+ORDER = (
+    "majority",
+    "user_majority",
+    "zero_shot",
+    "population",
+    "oppu",
+    "proper_group",
+    "proper_no_lora_router",
+    "proper",
+    "proper_end_to_end",
+    "proper_no_constraint",
+    "proper_k2",
+    "proper_k5",
+    "proper_k8",
+)
+DESCRIBE = {
+    "majority": "most frequent label of the server's pooled data (no LLM)",
+    "user_majority": "the user's own most frequent label (no LLM)",
+    "zero_shot": "the backbone alone",
+    "population": "stage 1: one LoRA on all server users",
+    "oppu": "population + a per-user LoRA, no groups (OPPU)",
+    "proper_group": "stages 1-2, device users through the unknown-user embedding",
+    "proper_no_lora_router": "user LoRA over uniformly mixed experts (ablation)",
+    "proper": "PROPER: all three stages",
+    "proper_end_to_end": "stage 1-2 modules trained jointly, then stage 3 (ablation)",
+    "proper_no_constraint": "PROPER with lambda = 0 (ablation)",
+}
+PRIMARY = {"classification": ("accuracy", True), "rating": ("mae", False), "generation": ("rougeL", True)}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def relative_gain(before: float, after: float, higher_better: bool) -> float:
+    """Relative improvement of `after` over `before` (positive = better), as the paper reports stage gains."""
+    if before == 0:
+        return float("nan")
+    return (after - before) / abs(before) if higher_better else (before - after) / abs(before)
+
+
+def ordered_methods(results: dict) -> list[str]:
+    names = list(results["methods"])
+    return [m for m in ORDER if m in names] + sorted(m for m in names if m not in ORDER)
+
+
+def table(results: dict) -> str:
+    methods = results["methods"]
+    metric_names = sorted({k for m in methods.values() for k in m["metrics"]})
+    head = ["method", *metric_names, "train s / user", "trainable params / user"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in ordered_methods(results):
+        m = methods[name]
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{name}`",
+                    *(_fmt(m["metrics"].get(k)) for k in metric_names),
+                    f"{m['train_seconds_per_user']:.1f}",
+                    f"{int(m['trainable_parameters_per_user']):,}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def cohort_table(results: dict, metric: str) -> str:
+    methods = results["methods"]
+    cohorts = sorted({c for m in methods.values() for c in m["cohorts"]})
+    rows = ["| method | " + " | ".join(cohorts) + " |", "|" + "---|" * (len(cohorts) + 1)]
+    for name in ordered_methods(results):
+        rows.append(
+            f"| `{name}` | "
+            + " | ".join(_fmt(methods[name]["cohorts"].get(c, {}).get(metric)) for c in cohorts)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def gains(results: dict) -> list[str]:
+    metric, higher = PRIMARY[results.get("task_type", "classification")]
+    m = {k: v["metrics"].get(metric) for k, v in results["methods"].items()}
+    lines = []
+    for a, b, label in (
+        ("population", "proper_group", "stage 1 -> 2"),
+        ("proper_group", "proper", "stage 2 -> 3"),
+        ("oppu", "proper", "OPPU -> PROPER"),
+        ("proper_no_lora_router", "proper", "LoRA-aware router vs uniform experts"),
+        ("proper_end_to_end", "proper", "end-to-end -> progressive"),
+        ("proper_no_constraint", "proper", "no constraint loss -> constraint loss"),
+    ):
+        if m.get(a) is not None and m.get(b) is not None:
+            lines.append(
+                f"- {label}: {_fmt(m[a])} -> {_fmt(m[b])} {metric} "
+                f"({100 * relative_gain(m[a], m[b], higher):+.1f} % relative)"
+            )
+    return lines
+
+
+def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
+    metric, _ = PRIMARY[results.get("task_type", "classification")]
+    t, b = results["timings"], results["bytes"]
+    per_dev = b["per_device"]
+    sent = sum(p["sent"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
+    recv = sum(p["received"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
+    lines = [
+        f"# proper-fed simulation: {results['task']}",
+        "",
+        f"{results['users']['server']} server users (stages 1-2), {results['users']['devices']} device users "
+        f"(stage 3 on their own history, scored on their own held-out queries); "
+        f"{results['users']['devices_answered']} devices answered.",
+        "",
+        "## Methods, same users, same queries",
+        "",
+        table(results),
+        "",
+        *(f"- `{k}`: {v}" for k, v in DESCRIBE.items() if k in results["methods"]),
+        "",
+        "## Relative gains",
+        "",
+        *gains(results),
+        "",
+        f"## {metric} by history length (device users in quartiles of history size)",
+        "",
+        cohort_table(results, metric),
+        "",
+        "## Cost",
+        "",
+        f"- server stages: {t['server_stages_s']:.0f} s; device phase: {t['device_phase_s']:.0f} s "
+        f"({t['device_users_per_hour']:.0f} device users per hour on this machine); whole simulation: "
+        f"{t.get('simulation_wall_s', t['total_s']):.0f} s",
+        f"- bytes per device: {sent / 1e6:.2f} MB sent to it, {recv / 1e3:.1f} kB received from it (metrics only)",
+        "",
+    ]
+    if results.get("failed"):
+        lines += ["## Failed devices", "", *(f"- node {k}: {v}" for k, v in results["failed"].items()), ""]
+    if plots:
+        lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]
+    return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def load_results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())

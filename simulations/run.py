@@ -1,0 +1,177 @@
+"""`proper-fed simulate`: the whole federated pipeline in Flower's simulation runtime, through `flwr run`,
+one virtual SuperNode per device user; results come back through the files the ServerApp writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proper_fed.atomic import atomic_write_text
+from proper_fed.backbone import cache_dir
+from proper_fed.errors import ConfigError, ProperFedError
+from proper_fed.run_settings import RunSettings, load_split
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).parent / "configs"
+APP_DIR = Path(__file__).resolve().parents[1]  # the repository: a Flower app like any other
+
+
+class SimulationError(ProperFedError):
+    """The Flower simulation did not produce a results file."""
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    run_config: dict[str, Any]
+    federation: dict[str, Any]
+    out: Path
+    device_users: int
+    server_users: int
+
+
+def config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    builtin = CONFIGS / f"{name_or_path}.toml"
+    if builtin.exists():
+        return builtin
+    names = sorted(f.stem for f in CONFIGS.glob("*.toml"))
+    raise ConfigError(f"no simulation config {name_or_path!r}: pass a TOML file or one of {names}")
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = ",".join(map(str, v)) if isinstance(v, list) else v  # Flower config values are scalars
+    return out
+
+
+def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> SimulationPlan:
+    """Read a simulation config, apply CLI overrides, and size the federation from the data split."""
+    path = config_path(config)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    federation = raw.pop("federation", {})
+    run = raw.pop("run", {})
+    flat = {**_flatten(run), **_flatten(raw)}
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = RunSettings.from_run_config(flat)  # validates every key before anything runs
+    split = load_split(settings)
+    out = Path(settings.out).resolve()
+    flat.update(
+        {"out": str(out), "min-nodes": len(split.device_users), "device-outputs": str(out / "device_outputs")}
+    )
+    federation = {
+        "num-supernodes": len(split.device_users),
+        "client-resources-num-cpus": 1,
+        "client-resources-num-gpus": 0.0,
+        **federation,
+    }
+    return SimulationPlan(flat, federation, out, len(split.device_users), len(split.server_users))
+
+
+def _toml_value(v: Any) -> str:
+    return (
+        json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
+    )
+
+
+def _env(out: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(cache_dir() / "flwr-home"))
+    env.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "HF_HUB_OFFLINE": "1",
+            "RAY_DEDUP_LOGS": "0",
+            "TQDM_DISABLE": "1",
+            "PROPER_FED_THREADS": env.get("PROPER_FED_THREADS", "1"),
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    return env
+
+
+_PROGRESS = re.compile(
+    r"(phase \d/3.*|devices done.*|results written.*|Traceback.*|\w+Error: .*)"
+)
+
+
+def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict:
+    """Run `flwr run` on the plan and return the results the ServerApp wrote."""
+    p.out.mkdir(parents=True, exist_ok=True)
+    results = p.out / "results.json"
+    if results.exists():
+        results.rename(p.out / "results.previous.json")  # keep the last run's results, never mix them
+    shutil.rmtree(p.out / "device_outputs", ignore_errors=True)
+    cfg_file = p.out / "run_config.toml"
+    atomic_write_text(
+        cfg_file, "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in p.run_config.items())
+    )
+    fed = " ".join(f"{k}={_toml_value(v)}" for k, v in p.federation.items())
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [
+        str(flwr if flwr.exists() else "flwr"),
+        "run",
+        str(APP_DIR),
+        "--stream",
+        "--run-config",
+        str(cfg_file),
+        "--federation-config",
+        fed,
+    ]
+    log.info("running %s", " ".join(cmd))
+    t0 = time.perf_counter()
+    with open(p.out / "flower.log", "w") as logf:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(p.out), cwd=APP_DIR
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            m = _PROGRESS.search(line)
+            if m and on_line is not None:
+                on_line(m.group(1).strip())
+        code = proc.wait()
+    if not results.exists():
+        raise SimulationError(
+            f"flwr run exited with code {code} and wrote no results; see {p.out / 'flower.log'}"
+        )
+    data = json.loads(results.read_text())
+    data["timings"]["simulation_wall_s"] = time.perf_counter() - t0
+    atomic_write_text(results, json.dumps(data, indent=2))
+    return data
+
+
+def merge_predictions(out: Path, task: str) -> dict[str, Path]:
+    """Devices' raw predictions (kept on their own disk in simulation) in LaMP's outputs layout, per method."""
+    written = {}
+    for method_dir in sorted((out / "device_outputs").glob("*")):
+        golds = [row for f in sorted(method_dir.glob("*.json")) for row in json.loads(f.read_text())]
+        golds.sort(key=lambda r: r["id"])
+        path = out / "predictions" / f"{method_dir.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"task": task, "golds": golds}, indent=1))
+        written[method_dir.name] = path
+    return written

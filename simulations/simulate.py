@@ -1,0 +1,75 @@
+"""One call for the whole simulation: plan, run through Flower, gather predictions, plots and the report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulations import plots
+from simulations.report import PRIMARY, write_report
+from simulations.run import merge_predictions, plan, run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    out: Path
+    results: dict
+    report: Path
+    predictions: dict[str, Path]
+    plots: dict[str, Path]
+
+
+def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str, Path]:
+    """Routing plots from the server's saved stages (on server users), and the cohort plot."""
+    from proper_fed.backbone import load_backbone
+    from proper_fed.data import server_training_examples
+    from proper_fed.data.synthetic import generate_synthetic
+    from proper_fed.run_settings import BUILTIN_DATA, RunSettings, load_split
+
+    metric, _ = PRIMARY[results.get("task_type", "classification")]
+    made = {"metric by history length": plots.cohort_plot(results, metric, out / "cohorts.png")}
+    settings = RunSettings.from_run_config(run_config)
+    state = settings.state_path
+    variants = {
+        name: state / name
+        for name in ("proper", "proper_no_constraint")
+        if (state / name / "group.json").exists()
+    }
+    if not variants:
+        return made
+    split = load_split(settings)
+    examples = server_training_examples(split)[:256]
+    backbone = load_backbone(settings.proper.backbone)
+    runs = {
+        ("with constraint loss" if n == "proper" else "without constraint loss"): plots.routing(
+            backbone, f, examples
+        )
+        for n, f in variants.items()
+    }
+    made["expert routing"] = plots.routing_density(runs, out / "routing_density.png")
+    groups = generate_synthetic(settings.synthetic).groups if settings.data == BUILTIN_DATA else None
+    made["user embeddings"] = plots.user_embeddings(
+        next(iter(runs.values())), out / "user_embeddings.png", groups
+    )
+    return made
+
+
+def simulate(
+    config: str = "default",
+    overrides: dict[str, Any] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    with_plots: bool = True,
+) -> Outcome:
+    p = plan(config, overrides)
+    if on_line:
+        on_line(f"{p.server_users} server users, {p.device_users} device users (one virtual SuperNode each)")
+    results = run(p, on_line)
+    predictions = merge_predictions(p.out, results["task"])
+    made = make_plots(p.out, results, p.run_config) if with_plots else {}
+    report = write_report(p.out, results, made)
+    return Outcome(p.out, results, report, predictions, made)
