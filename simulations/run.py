@@ -113,9 +113,7 @@ def _env(out: Path) -> dict[str, str]:
     return env
 
 
-_PROGRESS = re.compile(
-    r"(phase \d/3.*|devices done.*|results written.*|Traceback.*|\w+Error: .*)"
-)
+_PROGRESS = re.compile(r"(phase \d/3.*|devices done.*|results written.*|Traceback.*|\w+Error: .*)")
 
 
 def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict:

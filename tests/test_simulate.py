@@ -1,0 +1,73 @@
+"""`proper-fed simulate --quick`: the whole pipeline through Flower's simulation runtime, end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    exe = Path(sys.executable).with_name("proper-fed")
+    proc = subprocess.run(
+        [str(exe), "simulate", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_every_method_is_scored_on_the_same_device_users(quick_run):
+    out, stdout = quick_run
+    res = json.loads((out / "results.json").read_text())
+    expected = {
+        "majority",
+        "user_majority",
+        "zero_shot",
+        "population",
+        "proper_group",
+        "oppu",
+        "proper",
+        "proper_no_lora_router",
+        "proper_no_constraint",
+    }
+    assert expected <= set(res["methods"])
+    assert res["users"]["devices_answered"] == res["users"]["devices"] > 0 and not res["failed"]
+    users = {frozenset(m["per_user"]) for m in res["methods"].values()}
+    assert len(users) == 1, "methods were scored on different users"
+    for name, m in res["methods"].items():
+        assert set(m["metrics"]) == {"accuracy", "f1"}, name
+        assert 0.0 <= m["metrics"]["accuracy"] <= 1.0
+    assert res["methods"]["proper"]["trainable_parameters_per_user"] > 0
+    assert res["methods"]["zero_shot"]["trainable_parameters_per_user"] == 0
+    assert "proper" in stdout and "accuracy" in stdout  # the table is printed at the end
+
+
+def test_bytes_are_accounted_per_device_and_only_metrics_come_back(quick_run):
+    out, _ = quick_run
+    res = json.loads((out / "results.json").read_text())
+    for node, phases in res["bytes"]["per_device"].items():
+        assert phases["train_user"]["sent"] > 10_000, node  # the signed bundle went out
+        # what came back is a few hundred metric numbers, not arrays
+        assert 0 < phases["train_user"]["received"] < 20_000, node
+
+
+def test_predictions_are_written_in_lamp_outputs_layout(quick_run):
+    out, _ = quick_run
+    res = json.loads((out / "results.json").read_text())
+    n_queries = sum(1 for _ in res["history_len"])  # one entry per answering device
+    proper = json.loads((out / "predictions" / "proper.json").read_text())
+    assert proper["task"] == res["task"] and len(proper["golds"]) >= n_queries
+    assert all(set(row) == {"id", "output"} for row in proper["golds"])
+
+
+def test_report_and_plots_are_written(quick_run):
+    out, _ = quick_run
+    report = (out / "report.md").read_text()
+    assert "| `proper` |" in report and "stage 1 -> 2" in report and "bytes per device" in report
+    for png in ("cohorts.png", "routing_density.png", "user_embeddings.png"):
+        assert (out / png).stat().st_size > 1000, png
