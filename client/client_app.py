@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from client.device import (
     base_folder,
     device_user,
+    keep_bundle,
     load_device_backbone,
     personalize_device,
     receive_bundle,
@@ -64,14 +65,16 @@ def train_user(msg: Message, context: Context) -> Message:
         me = device_user(settings, node)
         backbone = load_device_backbone(folder, settings)
         run = msg.content["run"]
+        store = store_for(node, context.node_id)
         numbers, predictions = personalize_device(
             me,
             bundle,
             backbone,
             settings,
-            store_for(node, context.node_id),
+            store,
             str(run["majority-label"]) if "majority-label" in run else None,
         )
+        keep_bundle(bundle, store)
         if settings.device_outputs:
             write_local_predictions(settings.device_outputs, me, predictions)
     except ProperFedError as err:

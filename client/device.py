@@ -19,7 +19,7 @@ from client.store import AdapterStore
 from proper_fed import crypto
 from proper_fed.backbone import Backbone, cache_dir, load_backbone
 from proper_fed.base_store import find_base, store_base
-from proper_fed.bundle import Bundle, bundle_from_records, tensor_from_numpy, verify_bundle
+from proper_fed.bundle import Bundle, bundle_from_records, save_bundle, tensor_from_numpy, verify_bundle
 from proper_fed.config import AdapterConfig, BackboneConfig
 from proper_fed.data import device_eval_examples, device_training_examples, load_dataset
 from proper_fed.data.task_spec import TaskSpec
@@ -33,6 +33,7 @@ from proper_fed.run_settings import RunSettings, load_split
 log = logging.getLogger(__name__)
 
 _BACKBONES: dict[tuple[str, str], Backbone] = {}  # one loaded base per process, reused across users
+BUNDLE_DIR = "bundle"  # <store>/bundle: the verified bundle the stored adapters were trained on
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,11 @@ def server_model(backbone: Backbone, bundle: Bundle, variant: str) -> ProperMode
     return model
 
 
+def keep_bundle(bundle: Bundle, store: AdapterStore) -> Path:
+    """Keep the verified bundle beside the adapters it served, to answer prompts later (`client generate`)."""
+    return save_bundle(bundle, store.root / BUNDLE_DIR)
+
+
 def store_for(node_config: Mapping[str, Any], node_id: int) -> AdapterStore:
     root = (
         node_config.get("store-dir")
@@ -152,6 +158,13 @@ def store_for(node_config: Mapping[str, Any], node_id: int) -> AdapterStore:
 def _stage_key(method: str, bundle_tag: str) -> str:
     """Checkpoint name of one method's user stage under one bundle: a new bundle never resumes an old run."""
     return hashlib.sha256(f"{method}:{bundle_tag}".encode()).hexdigest()[:24]
+
+
+def _resumable(store: AdapterStore, user_id: str, method: str, tag: str):
+    ck = store.checkpointer(user_id, _stage_key(method, tag))
+    if ck.path.is_file():
+        log.warning("%s: resuming from its encrypted checkpoint in the store", method)
+    return ck
 
 
 def personalize_device(
@@ -204,7 +217,7 @@ def personalize_device(
             history,
             queries,
             cfg,
-            checkpointer_for=lambda m: store.checkpointer(user.user_id, _stage_key(m, tag)),
+            checkpointer_for=lambda m: _resumable(store, user.user_id, m, tag),
             on_trained=save_adapter,
         )
     finally:

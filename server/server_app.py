@@ -4,10 +4,14 @@ collects metrics only, and writes the results file."""
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
 import time
 
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
 from proper_fed.backbone import load_backbone
@@ -23,6 +27,24 @@ from server.wire import base_content, bundle_content, make_message, payload_byte
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+
+
+def record_reply(msg: Message) -> None:
+    """Audit hook (used by the deployment tests): with $PROPER_FED_RECORD_REPLIES=<file>, append every reply
+    that reached the server as one JSON line: sender, type, error text, record types, exact content bytes."""
+    path = os.environ.get("PROPER_FED_RECORD_REPLIES")
+    if not path:
+        return
+    content = msg.content if msg.has_content() else None
+    entry = {
+        "node": msg.metadata.src_node_id,
+        "type": msg.metadata.message_type,
+        "error": msg.error.reason if msg.has_error() else None,
+        "records": {k: type(v).__name__ for k, v in content.items()} if content else {},
+        "content": base64.b64encode(recorddict_to_proto(content).SerializeToString()).decode() if content else "",
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
@@ -94,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     for msg in grid.send_and_receive(
         [make_message(probe, n, "query.base", "base") for n in nodes], timeout=settings.node_wait_s
     ):
+        record_reply(msg)
         r = replies[msg.metadata.src_node_id]
         r.account("query_base", payload_bytes(probe), payload_bytes(msg.content) if msg.has_content() else 0)
         r.has_base = msg.has_content() and bool(msg.content["base"]["has-base"])
@@ -114,6 +137,7 @@ def main(grid: Grid, context: Context) -> None:
         messages.append(make_message(content, n, "train.user", "user"))
     log.warning("phase 3/3: personalizing on %d devices", len(messages))
     for msg in collect(grid, messages, settings.reply_timeout_s):
+        record_reply(msg)
         replies[msg.metadata.src_node_id].take_reply(msg)
     timings = {
         "server_stages_s": t_server,

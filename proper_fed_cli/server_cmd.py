@@ -1,0 +1,281 @@
+"""`proper-fed server ...`: run the federation's server side on Flower's deployment engine.
+
+`start` launches a real `flower-superlink` (TLS + SuperNode authentication by default) in the background and
+submits the PROPER ServerApp with `flwr run`; `register-client` admits a device's public key; `run` submits
+another run to the running SuperLink; `stop` ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from proper_fed_cli.main import app
+from server import deploy
+
+server_app = typer.Typer(
+    help="Run the server side of a deployment (SuperLink + ServerApp).", no_args_is_help=True
+)
+
+SUPERLINK_DIR = "superlink"  # under the state dir: pid file, log, database (node registrations)
+
+Certs = Annotated[
+    Path | None,
+    typer.Option("--certs", help="Folder from `proper-fed certs create` (ca.crt, server.pem, server.key)."),
+]
+Insecure = Annotated[
+    bool, typer.Option("--insecure", help="Plaintext, no TLS and no node authentication (tests only).")
+]
+Connection = Annotated[
+    str, typer.Option("--connection", help="Name of the SuperLink connection in $FLWR_HOME/config.toml.")
+]
+Out = Annotated[Path, typer.Option("--out", help="Run folder: results.json, run_config.toml, flower.log.")]
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir", help="Server state: stages, signing key, SuperLink files. Default <out>/server."
+    ),
+]
+Data = Annotated[
+    str | None, typer.Option("--data", help="The server's own data: 'synthetic' or a LaMP/OPPU path.")
+]
+Model = Annotated[
+    str | None, typer.Option("--model", help="Backbone: smollm2-135m, tiny, or a local model folder.")
+]
+MinNodes = Annotated[
+    int | None, typer.Option("--min-nodes", help="Devices to wait for before the user stage.")
+]
+NodeWait = Annotated[
+    float | None, typer.Option("--node-wait-s", help="How long to wait for --min-nodes devices.")
+]
+ReplyTimeout = Annotated[
+    float | None,
+    typer.Option("--reply-timeout-s", help="A device that has not replied by then is reported as failed."),
+]
+Config = Annotated[
+    Path | None,
+    typer.Option("--config", help="Run config TOML ([run] + sections, as simulations/configs/*.toml)."),
+]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", help="Any run config key, e.g. --set user.epochs=2 (repeatable).")
+]
+AppDir = Annotated[
+    Path | None, typer.Option("--app", help="The Flower app folder (default: this proper-fed checkout).")
+]
+
+
+def _state_dir(out: Path, state_dir: Path | None) -> Path:
+    return (state_dir or out / "server").expanduser().resolve()
+
+
+def _run_config(
+    out: Path, state_dir: Path | None, config: Path | None, sets: list[str] | None, options: dict[str, Any]
+) -> tuple[dict[str, Any], Any]:
+    """The run config: --config file, then --set, then the named options; validated, paths absolute."""
+    base = deploy.load_run_config(config) if config else {}
+    overrides = {
+        **deploy.parse_assignments(sets or []),
+        "out": str(out),
+        "state-dir": str(_state_dir(out, state_dir)),
+        **options,
+    }
+    return deploy.build_run_config(base, overrides)
+
+
+def _options(data, model, min_nodes, node_wait_s, reply_timeout_s) -> dict[str, Any]:  # noqa: ANN001
+    return {
+        "data": data,
+        "backbone.model": model,
+        "min-nodes": min_nodes,
+        "node-wait-s": node_wait_s,
+        "reply-timeout-s": reply_timeout_s,
+    }
+
+
+def _ensure_signing_key(settings: Any) -> Path:
+    from server.signing import load_or_create_signing_key
+
+    load_or_create_signing_key(settings.key_path, settings.public_key_path)
+    return settings.public_key_path
+
+
+def _submit(flat: dict[str, Any], settings: Any, connection: str, app_dir: Path | None) -> int:
+    """`flwr run` the ServerApp, stream its logs (also into <out>/flower.log), summarize results.json."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    if results.exists():
+        results.replace(out / "results.previous.json")  # never mix this run's results with the last one's
+    cfg = deploy.write_run_config(flat, out / "run_config.toml")
+    cmd = deploy.submit_command(app_dir or deploy.default_app_dir(), connection, cfg)
+    typer.echo(f"submitting: {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    with open(out / "flower.log", "w") as logf:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=deploy.flwr_env(), bufsize=1
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            typer.echo(line, nl=False)
+            logf.write(line)
+        code = proc.wait()
+    wall = time.perf_counter() - t0
+    if not results.exists():
+        typer.secho(
+            f"flwr run exited with code {code} and no results were written; see {out / 'flower.log'} and "
+            f"{_state_dir(out, Path(settings.state_path)) / SUPERLINK_DIR / 'superlink.log'}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        return code or 1
+    _summarize(json.loads(results.read_text()), wall)
+    typer.echo(f"results: {results}")
+    return 0
+
+
+def _summarize(results: dict, wall_s: float) -> None:
+    users = results["users"]
+    typer.echo(
+        f"devices answered {users['devices_answered']}/{users['devices_connected']}; "
+        f"run wall time {wall_s:.0f} s (ServerApp {results['timings']['total_s']:.0f} s)"
+    )
+    for node, phases in results["bytes"]["per_device"].items():
+        sent = sum(p["sent"] for p in phases.values())
+        got = sum(p["received"] for p in phases.values())
+        typer.echo(f"  node {node}: sent {sent:,} B, received {got:,} B")
+    for node, why in results["failed"].items():
+        typer.secho(f"  node {node} failed: {why}", fg=typer.colors.YELLOW)
+
+
+@server_app.command("start")
+def start(
+    certs: Certs = None,
+    insecure: Insecure = False,
+    host: Annotated[str, typer.Option("--host", help="Interface the SuperLink listens on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", help="The SuperLink's one HTTPS port (Fleet, Control, Runtime).")
+    ] = deploy.DEFAULT_PORT,
+    node_auth: Annotated[
+        bool, typer.Option("--node-auth/--no-node-auth", help="Only registered SuperNode keys may connect.")
+    ] = True,
+    out: Out = Path("runs/deploy"),
+    state_dir: StateDir = None,
+    data: Data = None,
+    model: Model = None,
+    min_nodes: MinNodes = None,
+    node_wait_s: NodeWait = None,
+    reply_timeout_s: ReplyTimeout = None,
+    config: Config = None,
+    set_: Sets = None,
+    connection: Connection = deploy.DEFAULT_CONNECTION,
+    app_dir: AppDir = None,
+    no_run: Annotated[
+        bool, typer.Option("--no-run", help="Only start the SuperLink (register devices, then `server run`).")
+    ] = False,
+    stop_after: Annotated[
+        bool, typer.Option("--stop-after", help="Stop the SuperLink when the run ends.")
+    ] = False,
+) -> None:
+    """Start a SuperLink (TLS, SuperNode authentication) and submit the PROPER ServerApp to it."""
+    if certs is None and not insecure:
+        raise typer.BadParameter(
+            "pass --certs DIR (from `proper-fed certs create`), or --insecure", param_hint="--certs"
+        )
+    flat, settings = _run_config(
+        out, state_dir, config, set_, _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
+    )
+    tls = None if insecure else deploy.TlsFiles.from_dir(certs)  # type: ignore[arg-type]
+    runtime = _state_dir(out, state_dir) / SUPERLINK_DIR
+    runtime.mkdir(parents=True, exist_ok=True)
+    spec = deploy.SuperLinkSpec(host, port, tls, node_auth and not insecure, runtime / "superlink.db")
+    pid_file = runtime / "superlink.pid"
+    running = deploy.read_pid(pid_file)
+    if running is not None:
+        raise typer.BadParameter(
+            f"a SuperLink from {runtime} is already running (pid {running}); use `proper-fed server run` or "
+            f"`proper-fed server stop --state-dir {runtime.parent}`"
+        )
+    if deploy.port_open(host, port):
+        raise typer.BadParameter(f"something already listens on {spec.address}; choose another --port")
+    pub = _ensure_signing_key(settings)
+    proc = deploy.start_background(spec.command(), runtime / "superlink.log", pid_file)
+    deploy.wait_for_port(host, port, 60, proc, runtime / "superlink.log")
+    conf = deploy.write_connection(
+        connection, spec.address, tls.ca_cert if tls else None, insecure=tls is None
+    )
+    typer.echo(
+        f"SuperLink running on {spec.address} (pid {proc.pid}, {'TLS' if tls else 'INSECURE'}"
+        f"{', node authentication' if spec.node_auth else ''}); log {runtime / 'superlink.log'}"
+    )
+    typer.echo(f"flwr connection {connection!r} written to {conf}")
+    typer.echo(f"devices pin the server signing key: {pub}")
+    if tls:
+        typer.echo(f"devices trust the CA: {tls.ca_cert}")
+    typer.echo("admit a device: proper-fed server register-client <its node_auth_key.pub>")
+    if no_run:
+        return
+    try:
+        code = _submit(flat, settings, connection, app_dir)
+    finally:
+        if stop_after:
+            deploy.stop_process(proc.pid, "flower-superlink")
+            pid_file.unlink(missing_ok=True)
+    raise typer.Exit(code)
+
+
+@server_app.command("run")
+def run(
+    out: Out = Path("runs/deploy"),
+    state_dir: StateDir = None,
+    data: Data = None,
+    model: Model = None,
+    min_nodes: MinNodes = None,
+    node_wait_s: NodeWait = None,
+    reply_timeout_s: ReplyTimeout = None,
+    config: Config = None,
+    set_: Sets = None,
+    connection: Connection = deploy.DEFAULT_CONNECTION,
+    app_dir: AppDir = None,
+) -> None:
+    """Submit the PROPER ServerApp to the running SuperLink, stream its logs, and print where results are."""
+    flat, settings = _run_config(
+        out, state_dir, config, set_, _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
+    )
+    _ensure_signing_key(settings)
+    raise typer.Exit(_submit(flat, settings, connection, app_dir))
+
+
+@server_app.command("register-client")
+def register_client(
+    public_key: Annotated[
+        Path, typer.Argument(help="The device's node_auth_key.pub (OpenSSH, ECDSA P-384).")
+    ],
+    connection: Connection = deploy.DEFAULT_CONNECTION,
+) -> None:
+    """Admit a device: register its SuperNode public key (`flwr supernode register KEY.pub CONNECTION`)."""
+    node_id = deploy.register_node(public_key, connection)
+    typer.echo(f"registered {public_key} as node {node_id}")
+
+
+@server_app.command("stop")
+def stop(
+    out: Out = Path("runs/deploy"),
+    state_dir: StateDir = None,
+) -> None:
+    """Stop the SuperLink started by `server start` (and the ServerApp it runs)."""
+    pid_file = _state_dir(out, state_dir) / SUPERLINK_DIR / "superlink.pid"
+    pid = deploy.read_pid(pid_file)
+    if pid is None or not deploy.stop_process(pid, "flower-superlink"):
+        typer.echo(f"no running SuperLink recorded in {pid_file}")
+        pid_file.unlink(missing_ok=True)
+        return
+    pid_file.unlink(missing_ok=True)
+    typer.echo(f"stopped the SuperLink (pid {pid})")
+
+
+app.add_typer(server_app, name="server")
