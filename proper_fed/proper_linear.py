@@ -39,7 +39,12 @@ class ProperLinear(nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.k, self.r_p, self.r_g, self.r_u = cfg.num_experts, cfg.population_rank, cfg.group_rank, cfg.user_rank
+        self.k, self.r_p, self.r_g, self.r_u = (
+            cfg.num_experts,
+            cfg.population_rank,
+            cfg.group_rank,
+            cfg.user_rank,
+        )
         self.s_p, self.s_g, self.s_u = cfg.alpha / self.r_p, cfg.alpha / self.r_g, cfg.alpha / self.r_u
         object.__setattr__(self, "ctx", ctx)  # shared plain object, not a submodule
         self.merged = False
@@ -79,7 +84,8 @@ class ProperLinear(nn.Module):
         self.merged = True
 
     def _mix_experts(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        # x (..., in), gates (..., k) -> (..., out); one matmul over all k experts, no Python loop.
+        # The experts' term on its own: x (..., in), gates (..., k) -> (..., out), all k experts in one matmul.
+        # `forward` computes the same term fused with the other adapters' matmuls.
         k, r = self.k, self.r_g
         xa = x @ self.lora_expert_A.reshape(k * r, -1).T  # (..., k*r)
         xa = (xa.unflatten(-1, (k, r)) * gates.unsqueeze(-1)).flatten(-2)  # (..., k*r)
@@ -89,30 +95,55 @@ class ProperLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         ctx = self.ctx
-        if not (ctx.population or ctx.experts != "none" or ctx.user):
+        pop = ctx.population and not self.merged
+        experts, user = ctx.experts != "none", ctx.user
+        need_xu = user or ctx.experts == "lora_router"
+        if not (pop or experts or need_xu):
             return out
-        xl = x.to(self.lora_pop_A.dtype)  # adapters compute in their own (full) precision or under autocast
-        delta = torch.zeros((), dtype=xl.dtype, device=xl.device)
-        if ctx.population and not self.merged:
-            delta = delta + self.s_p * ((xl @ self.lora_pop_A.T) @ self.lora_pop_B.T)
-        xu = xl @ self.lora_user_A.T if ctx.user or ctx.experts == "lora_router" else None  # (..., r_u)
-        if ctx.experts != "none":
+        k, r, dtype = self.k, self.r_g, self.lora_pop_A.dtype
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dtype)  # adapters compute in their own (full) precision; under autocast the matmul casts
+        # Every A the mode needs in one matmul (one cast and one read of x instead of one per adapter):
+        # rows [A_p (r_p); A_u (r_u); A_1..A_k (k*r_g); W_x (k)].
+        parts = [
+            (self.lora_pop_A, pop),
+            (self.lora_user_A, need_xu),
+            (self.lora_expert_A.reshape(k * r, -1), experts),
+            (self.lora_router_x, ctx.experts == "user_router"),
+        ]
+        a = [w for w, on in parts if on]
+        h = (x @ (torch.cat(a) if len(a) > 1 else a[0]).T).to(dtype)  # (..., sum of ranks)
+        pieces = iter(h.split([w.shape[0] for w in a], -1))
+        xp, xu = next(pieces) if pop else None, next(pieces) if need_xu else None
+        # Each adapter's scaled coefficients (small, (..., rank)) and its B, summed by one matmul at the end.
+        coef, b = [], []
+        if pop:
+            coef.append(self.s_p * xp)
+            b.append(self.lora_pop_B)  # (out, r_p)
+        if experts:
+            xa = next(pieces)  # (..., k*r)
             if ctx.experts == "user_router":
                 assert ctx.user_emb is not None, "user_router needs ctx.user_emb"
-                e = ctx.user_emb.to(xl.dtype) @ self.lora_router_e.T  # (B, k)
-                logits = xl @ self.lora_router_x.T + e.view(e.shape[0], *([1] * (xl.dim() - 2)), -1)
+                e = ctx.user_emb.to(dtype) @ self.lora_router_e.T  # (B, k)
+                logits = next(pieces) + e.view(e.shape[0], *([1] * (h.dim() - 2)), -1)
             elif ctx.experts == "lora_router":
                 logits = xu @ self.lora_beta.T  # (..., k)
             else:  # uniform
-                logits = xl.new_zeros((*xl.shape[:-1], self.k))
+                logits = h.new_zeros((*h.shape[:-1], k))
             gates = logits.float().softmax(-1)
             if ctx.record:
                 ctx.gates.append(gates)
-            delta = delta + self._mix_experts(xl, gates.to(xl.dtype))
-        if ctx.user:
-            delta = delta + self.s_u * (xu @ self.lora_user_B.T)
+            gated = (xa.unflatten(-1, (k, r)) * gates.to(dtype).unsqueeze(-1)).flatten(-2)  # (..., k*r)
+            coef.append(self.s_g * gated)
+            b.append(self.lora_expert_B.permute(1, 0, 2).reshape(self.out_features, k * r))  # (out, k*r)
+        if user:
+            coef.append(self.s_u * xu)
+            b.append(self.lora_user_B)  # (out, r_u)
+        delta = torch.cat(coef, -1) @ torch.cat(b, 1).T if len(coef) > 1 else coef[0] @ b[0].T  # (..., out)
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r_p={self.r_p}, k={self.k}, r_g={self.r_g}, "
-                f"r_u={self.r_u}, merged={self.merged}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, r_p={self.r_p}, k={self.k}, r_g={self.r_g}, "
+            f"r_u={self.r_u}, merged={self.merged}"
+        )

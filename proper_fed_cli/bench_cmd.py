@@ -1,0 +1,49 @@
+"""`proper-fed bench`: training-step speed and memory of PROPER's user and group stages against a peft LoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from proper_fed.atomic import atomic_write_text
+from proper_fed.errors import ProperFedError
+from proper_fed_cli.main import app
+
+
+@app.command("bench")
+def bench(
+    out: Annotated[Path, typer.Option("--out", help="JSON file for the results (written atomically).")],
+    model: Annotated[
+        str, typer.Option("--model", help="'tiny', 'smollm2-135m' or a local Hugging Face model folder.")
+    ] = "smollm2-135m",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per sequence.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps (the median is reported).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps before timing.")] = 2,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="fp32, bf16 or fp32-autocast-bf16 (the fastest training on CPU).")
+    ] = "fp32-autocast-bf16",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Time PROPER's user and group stages beside a peft LoRA of the same total rank; print and save JSON."""
+    from proper_fed.bench import run_benchmark  # torch and transformers load only when the command runs
+
+    try:
+        result = run_benchmark(
+            model=model,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            steps=steps,
+            warmup=warmup,
+            dtype=dtype,
+            device=device,
+        )
+    except ProperFedError as err:  # main() does this too; here it also holds when the app is driven directly
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    text = json.dumps(result, indent=2)
+    atomic_write_text(out, text + "\n")
+    typer.echo(text)
