@@ -18,7 +18,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,8 +45,11 @@ NOTES = {
     ),
     "step": (
         "One step = forward on random tokens (every token is a target), next-token cross-entropy (+ the "
-        "constraint loss on recorded gates in the group stage), backward, AdamW step, zero_grad. step_s is the "
-        "median over `steps` timed steps after `warmup` untimed ones; tokens_per_s = batch_size*seq_len/step_s."
+        "constraint loss on recorded gates in the group stage), backward, AdamW step, zero_grad. Both sides "
+        "are loaded together; each runs `warmup` untimed steps (at least one, which also takes the memory "
+        "figures) on its own, then the timed steps alternate between the sides (ABBA...) so that a change in "
+        "the machine's load hits both. step_s is the median over `steps` timed steps; tokens_per_s = "
+        "batch_size*seq_len/step_s; *_step_s_all lists every timed step."
     ),
     "memory_per_stage": (
         "saved_for_backward_mib: bytes of the distinct tensors autograd keeps from forward to backward in one "
@@ -54,10 +57,10 @@ NOTES = {
         "exactly with saved-tensor hooks; adapter_saved_for_backward_mib: the part saved inside the adapter "
         "layers but outside their base linear, i.e. what our layers add. adapter_params_mib: every adapter "
         "tensor the model holds (frozen scopes too). peak_rss_delta_mib (CPU): the process's peak resident "
-        "memory during the steps (VmHWM, reset before each run) minus its resident memory before; it includes "
-        "the whole model's activations, gradients and optimiser state, and can undercount when the allocator "
-        "reuses memory freed earlier in the process. cuda_peak_delta_mib (GPU): max_memory_allocated minus "
-        "memory_allocated before."
+        "memory during that side's warm-up steps (VmHWM, reset before) minus its resident memory before; it "
+        "includes the whole model's activations, gradients and optimiser state, and can undercount when the "
+        "allocator reuses memory freed earlier in the process. cuda_peak_delta_mib (GPU): max_memory_allocated "
+        "minus memory_allocated before."
     ),
     "model_memory": (
         "nf4_mib and bf16_mib: model.get_memory_footprint() of the backbone loaded in nf4 (bitsandbytes, "
@@ -68,12 +71,14 @@ NOTES = {
 
 
 @dataclass
-class _Run:
-    """One timed configuration (PROPER or peft in one stage)."""
+class _Side:
+    """One side of a stage's comparison (PROPER or peft): its training step and what its memory figures need."""
 
-    step_s: list[float] = field(default_factory=list)
-    memory: dict[str, float] = field(default_factory=dict)
-    trainable_params: int = 0
+    step: Callable[[], None]
+    model: nn.Module
+    layers: dict[nn.Module, nn.Module]  # adapter layer -> its base linear
+    adapter_params: list[torch.Tensor]
+    trainable_params: int
 
 
 def run_benchmark(
@@ -159,27 +164,27 @@ class _Bench:
         return load_backbone(self.bcfg)
 
     def stage(self, stage: str, peft_rank: int) -> dict:
-        log.info("bench %s stage: PROPER", stage)
-        proper = self._proper(stage)
-        log.info("bench %s stage: peft LoRA r=%d", stage, peft_rank)
-        peft = self._peft(peft_rank)
-        p, q = statistics.median(proper.step_s), statistics.median(peft.step_s)
+        log.info("bench %s stage: PROPER and a peft LoRA of rank %d", stage, peft_rank)
+        proper, peft = self._proper(stage), self._peft(peft_rank)
+        memory = {"proper": self._warm_up(proper), "peft": self._warm_up(peft)}
+        times = self._time(proper, peft)
+        p, q = statistics.median(times["proper"]), statistics.median(times["peft"])
         return {
             "proper_step_s": p,
             "peft_lora_step_s": q,
             "ratio": p / q,
             "proper_tokens_per_s": self.tokens / p,
             "peft_tokens_per_s": self.tokens / q,
-            "proper_step_s_all": proper.step_s,
-            "peft_lora_step_s_all": peft.step_s,
+            "proper_step_s_all": times["proper"],
+            "peft_lora_step_s_all": times["peft"],
             "peft_lora_rank": peft_rank,
             "proper_trainable_params": proper.trainable_params,
             "peft_trainable_params": peft.trainable_params,
-            "proper_memory": proper.memory,
-            "peft_memory": peft.memory,
+            "proper_memory": memory["proper"],
+            "peft_memory": memory["peft"],
         }
 
-    def _proper(self, stage: str) -> _Run:
+    def _proper(self, stage: str) -> _Side:
         model = ProperModel(self._fresh_backbone(), self.adapters, seed=0)
         if stage == "user":  # stage 3 as the device runs it: frozen population + experts, LoRA-aware router
             model.reset_user(0)
@@ -205,12 +210,10 @@ class _Bench:
 
         adapter_params = [p for layer in model.layers.values() for p in layer.parameters(recurse=False)]
         adapter_params.append(model.lora_user_embedding.weight)
-        run = self._measure(step, model.lm, {m: m.base for m in model.layers.values()}, adapter_params)
-        run.trainable_params = sum(p.numel() for p in trainable)
-        model.ctx.record, model.ctx.gates = False, []
-        return run
+        layers = {m: m.base for m in model.layers.values()}
+        return _Side(step, model.lm, layers, adapter_params, sum(p.numel() for p in trainable))
 
-    def _peft(self, rank: int) -> _Run:
+    def _peft(self, rank: int) -> _Side:
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
 
@@ -237,41 +240,36 @@ class _Bench:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        layers = {
-            m: m.base_layer for m in model.modules() if isinstance(m, LoraLayer) and isinstance(m, nn.Module)
-        }
+        layers = {m: m.base_layer for m in model.modules() if isinstance(m, LoraLayer)}
         adapter_params = [p for n, p in model.named_parameters() if "lora_" in n]
-        run = self._measure(step, model, layers, adapter_params)
-        run.trainable_params = sum(p.numel() for p in trainable)
-        return run
+        return _Side(step, model, layers, adapter_params, sum(p.numel() for p in trainable))
 
-    def _measure(
-        self,
-        step: Callable[[], None],
-        model: nn.Module,
-        layers: dict[nn.Module, nn.Module],
-        adapter_params: list[torch.Tensor],
-    ) -> _Run:
-        run = _Run()
+    def _warm_up(self, side: _Side) -> dict[str, float]:
+        """Run one side's warm-up steps (at least one) alone and return its memory figures."""
         _release_memory(self.device)
         with _peak_memory(self.device) as peak:
-            counter = _SavedTensorCounter(model, layers)
-            with counter:  # the first warm-up step (or one extra untimed step) also counts saved tensors
-                step()
+            with _SavedTensorCounter(side.model, side.layers) as counter:  # the first step also counts
+                side.step()
             for _ in range(self.warmup - 1):
-                step()
-            for _ in range(self.steps):
-                t0 = time.perf_counter()
-                step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                run.step_s.append(time.perf_counter() - t0)
-        run.memory = peak | {
+                side.step()
+        return peak | {
             "saved_for_backward_mib": counter.total / MIB,
             "adapter_saved_for_backward_mib": counter.adapter / MIB,
-            "adapter_params_mib": sum(p.numel() * p.element_size() for p in adapter_params) / MIB,
+            "adapter_params_mib": sum(p.numel() * p.element_size() for p in side.adapter_params) / MIB,
         }
-        return run
+
+    def _time(self, proper: _Side, peft: _Side) -> dict[str, list[float]]:
+        """Alternate the two sides step by step (ABBA...), so that a change in the machine's load hits both."""
+        times: dict[str, list[float]] = {"proper": [], "peft": []}
+        for i in range(self.steps):
+            order = [("proper", proper), ("peft", peft)]
+            for name, side in order if i % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                side.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times[name].append(time.perf_counter() - t0)
+        return times
 
 
 class _SavedTensorCounter:
