@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +26,6 @@ from proper_fed import crypto
 from proper_fed.atomic import atomic_write_bytes, atomic_write_text
 from proper_fed.certs import NODE_KEY_NAME, NodeAuthKeyPaths, create_node_auth_keypair
 from proper_fed.errors import ConfigError
-from server.deploy import executable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Enrollment:
         max_retries: int | None = None,
         max_wait_s: float | None = None,
     ) -> list[str]:
-        cmd = [executable("flower-supernode"), "--superlink", self.superlink]
+        cmd = [_supernode_executable(), "--superlink", self.superlink]
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -84,6 +85,14 @@ class Enrollment:
         if max_wait_s is not None:
             cmd += ["--max-wait-time", str(max_wait_s)]
         return cmd
+
+
+def _supernode_executable() -> str:
+    beside = Path(sys.executable).with_name("flower-supernode")
+    found = str(beside) if beside.exists() else shutil.which("flower-supernode")
+    if not found:
+        raise ConfigError("flower-supernode not found; install flwr[simulation]==1.41.0 in this environment")
+    return found
 
 
 def register_hint(public_key: str | os.PathLike[str]) -> str:
