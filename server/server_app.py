@@ -47,6 +47,15 @@ def record_reply(msg: Message) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
+def device_of(reply: Message, sent: list[Message]) -> int:
+    """The device a reply is about. For a device that went offline the SuperLink itself answers (its own node
+    id as the sender, error "Node Unavailable"), so match the reply to the message it answers."""
+    for m in sent:
+        if m.metadata.message_id == reply.metadata.reply_to_message_id:
+            return m.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
 def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
     start, nodes = time.monotonic(), []
     while time.monotonic() - start < timeout_s:
@@ -113,11 +122,10 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
     replies: dict[int, DeviceReply] = {n: DeviceReply(n) for n in nodes}
     probe = RecordDict({"base": ConfigRecord({"hash": digest})})
-    for msg in grid.send_and_receive(
-        [make_message(probe, n, "query.base", "base") for n in nodes], timeout=settings.node_wait_s
-    ):
+    probes = [make_message(probe, n, "query.base", "base") for n in nodes]
+    for msg in grid.send_and_receive(probes, timeout=settings.node_wait_s):
         record_reply(msg)
-        r = replies[msg.metadata.src_node_id]
+        r = replies[device_of(msg, probes)]
         r.account("query_base", payload_bytes(probe), payload_bytes(msg.content) if msg.has_content() else 0)
         r.has_base = msg.has_content() and bool(msg.content["base"]["has-base"])
 
@@ -138,7 +146,7 @@ def main(grid: Grid, context: Context) -> None:
     log.warning("phase 3/3: personalizing on %d devices", len(messages))
     for msg in collect(grid, messages, settings.reply_timeout_s):
         record_reply(msg)
-        replies[msg.metadata.src_node_id].take_reply(msg)
+        replies[device_of(msg, messages)].take_reply(msg)
     timings = {
         "server_stages_s": t_server,
         "device_phase_s": time.perf_counter() - t1,
