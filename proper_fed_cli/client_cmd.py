@@ -168,7 +168,8 @@ def generate_cmd(
     """Answer a prompt on the device with the user's stored adapter over the verified bundle."""
     from client.enroll import answer
 
-    typer.echo(answer(store, prompt, user_id, max_new_tokens, quantization, base_folder))
+    text = answer(store, prompt, user_id, max_new_tokens, quantization, base_folder)
+    typer.echo(text if text else "(the model produced an empty answer)")
 
 
 app.add_typer(client_app, name="client")
