@@ -54,9 +54,10 @@ class Backbone:
         """The text the model sees before the target: the chat template when the tokenizer has one."""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            messages = [{"role": "user", "content": prompt}]
+            if self.config.system_prompt != "default":
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt + "\n"
 
 

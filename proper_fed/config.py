@@ -64,12 +64,16 @@ class BackboneConfig(_FromDict):
     dtype: "fp32", "bf16" (weights in bf16), or "fp32-autocast-bf16" (fp32 weights, bf16 autocast: the fastest
         training on our CPUs).
     load_in_4bit: quantize the base linears to nf4 with bitsandbytes (the on-device setting).
+    system_prompt: the chat template's system message; "" keeps it empty (SmolLM2's default one is ~20 tokens,
+        as long as a whole synthetic prompt, so it would double the compute of every step); "default" lets the
+        template insert its own.
     """
 
     model: str = "smollm2-135m"
     device: str = "auto"
     dtype: str = "fp32-autocast-bf16"
     load_in_4bit: bool = False
+    system_prompt: str = ""
 
     def __post_init__(self) -> None:
         _need(

@@ -20,6 +20,7 @@ from proper_fed.bundle import build_bundle
 from proper_fed.data import server_training_examples
 from proper_fed.data.baselines import majority_label
 from proper_fed.run_settings import RunSettings, load_split
+from server.progress import Progress
 from server.results import DeviceReply, write_results
 from server.server_stages import train_all
 from server.signing import load_or_create_signing_key
@@ -69,7 +70,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
     return nodes
 
 
-def collect(grid: Grid, messages: list, timeout_s: float):
+def collect(grid: Grid, messages: list, timeout_s: float, progress: Progress):
     """Push, then pull replies as they come, logging progress and the time left (send_and_receive is silent)."""
     ids = set(grid.push_messages(messages))
     start, total, done = time.monotonic(), len(ids), 0
@@ -78,8 +79,12 @@ def collect(grid: Grid, messages: list, timeout_s: float):
             ids.discard(msg.metadata.reply_to_message_id)
             done += 1
             elapsed = time.monotonic() - start
-            log.warning("devices done %d/%d, %.0f s elapsed, about %.0f s left", done, total, elapsed,
-                        elapsed / done * (total - done))
+            left = elapsed / done * (total - done)
+            progress(
+                f"devices done {done}/{total}, {elapsed:.0f} s elapsed, about {left:.0f} s left",
+                done=done,
+                total=total,
+            )
             yield msg
         time.sleep(0.5)
 
@@ -88,7 +93,10 @@ def collect(grid: Grid, messages: list, timeout_s: float):
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     t0 = time.perf_counter()
-    log.warning("phase 1/3: server stages (population, group%s)", "".join(f", {v}" for v in settings.variants))
+    progress = Progress(settings.out)
+    progress(
+        "phase 1/3: server stages (population, group" + "".join(f", {v}" for v in settings.variants) + ")"
+    )
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)
     models = train_all(
@@ -96,7 +104,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     t_server = time.perf_counter() - t0
 
-    log.warning("phase 2/3: signing the bundle")
+    progress("phase 2/3: signing the bundle")
     digest = base_hash(backbone.folder)
     key = load_or_create_signing_key(settings.key_path, settings.public_key_path)
     tensors = {
@@ -143,8 +151,8 @@ def main(grid: Grid, context: Context) -> None:
                 content[k] = v
         replies[n].sent_train = payload_bytes(content)
         messages.append(make_message(content, n, "train.user", "user"))
-    log.warning("phase 3/3: personalizing on %d devices", len(messages))
-    for msg in collect(grid, messages, settings.reply_timeout_s):
+    progress(f"phase 3/3: personalizing on {len(messages)} devices")
+    for msg in collect(grid, messages, settings.reply_timeout_s, progress):
         record_reply(msg)
         replies[device_of(msg, messages)].take_reply(msg)
     timings = {
@@ -153,4 +161,4 @@ def main(grid: Grid, context: Context) -> None:
         "total_s": time.perf_counter() - t0,
     }
     path = write_results(settings, split, models, replies, timings, digest)
-    log.warning("results written to %s", path)
+    progress(f"results written to {path}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -113,9 +112,6 @@ def _env(out: Path) -> dict[str, str]:
     return env
 
 
-_PROGRESS = re.compile(r"(phase \d/3.*|devices done.*|results written.*|Traceback.*|\w+Error: .*)")
-
-
 def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict:
     """Run `flwr run` on the plan and return the results the ServerApp wrote."""
     p.out.mkdir(parents=True, exist_ok=True)
@@ -141,17 +137,17 @@ def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict
     ]
     log.info("running %s", " ".join(cmd))
     t0 = time.perf_counter()
+    progress = p.out / "progress.jsonl"
+    progress.unlink(missing_ok=True)
     with open(p.out / "flower.log", "w") as logf:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(p.out), cwd=APP_DIR
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logf.write(line)
-            m = _PROGRESS.search(line)
-            if m and on_line is not None:
-                on_line(m.group(1).strip())
-        code = proc.wait()
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_env(p.out), cwd=APP_DIR)
+        seen = 0
+        while True:
+            code = proc.poll()
+            seen = _follow(progress, seen, on_line)
+            if code is not None:
+                break
+            time.sleep(1.0)
     if not results.exists():
         raise SimulationError(
             f"flwr run exited with code {code} and wrote no results; see {p.out / 'flower.log'}"
@@ -160,6 +156,17 @@ def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict
     data["timings"]["simulation_wall_s"] = time.perf_counter() - t0
     atomic_write_text(results, json.dumps(data, indent=2))
     return data
+
+
+def _follow(path: Path, seen: int, on_line: Callable[[str], None] | None) -> int:
+    """Report the progress lines the ServerApp appended since the last call; returns how many were seen."""
+    if not path.exists():
+        return seen
+    rows = path.read_text().splitlines()
+    for row in rows[seen:]:
+        if on_line is not None and row.strip():
+            on_line(json.loads(row)["message"])
+    return max(seen, len(rows))
 
 
 def merge_predictions(out: Path, task: str) -> dict[str, Path]:
