@@ -332,10 +332,10 @@ def register_node(public_key: Path, connection: str, env: Mapping[str, str] | No
     except json.JSONDecodeError:
         answer = {}
     if proc.returncode != 0 or not answer.get("success"):
-        lines = (proc.stdout + proc.stderr).splitlines()
-        why = answer.get("error-message") or " ".join(
-            ln.strip(" │╭╮╰╯─") for ln in lines if ln.strip(" │╭╮╰╯─") and not ln.startswith("Using SuperLink")
-        )[-600:]
+        # flwr draws its error in a box and names the connection first: keep only the message.
+        raw = answer.get("error-message") or proc.stdout + proc.stderr
+        lines = [ln.strip(" │╭╮╰╯─") for ln in str(raw).splitlines()]
+        why = " ".join(ln for ln in lines if ln and not ln.startswith("Using SuperLink"))[-600:]
         raise DeployError(f"flwr supernode register {key} {connection} failed: {why}")
     return int(answer["node-id"])
 
