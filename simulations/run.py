@@ -73,6 +73,8 @@ def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> Si
     run = raw.pop("run", {})
     flat = {**_flatten(run), **_flatten(raw)}
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in ("data", "task", "state-dir", "server-key", "server-public-key"):
+        flat[key] = _absolute(flat.get(key, ""), path)  # the ServerApp runs in another working folder
     settings = RunSettings.from_run_config(flat)  # validates every key before anything runs
     split = load_split(settings)
     out = Path(settings.out).resolve()
@@ -86,6 +88,20 @@ def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> Si
         **federation,
     }
     return SimulationPlan(flat, federation, out, len(split.device_users), len(split.server_users))
+
+
+def _absolute(value: Any, config_file: Path) -> Any:
+    """A relative path made absolute: against the working folder, else the repository (where the shipped
+    configs' paths, like ../shared/data, are meant from). Names that are not paths pass through."""
+    if not isinstance(value, str) or not value or value == "synthetic":
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute() or not ("/" in value or value.endswith((".json", ".toml"))):
+        return value
+    for base in (Path.cwd(), APP_DIR, config_file.parent):
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return str(p.resolve())
 
 
 def _toml_value(v: Any) -> str:
@@ -149,9 +165,9 @@ def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict
                 break
             time.sleep(1.0)
     if not results.exists():
-        raise SimulationError(
-            f"flwr run exited with code {code} and wrote no results; see {p.out / 'flower.log'}"
-        )
+        errors = [ln.strip() for ln in (p.out / "flower.log").read_text().splitlines() if "Error: " in ln]
+        why = f": {errors[-1]}" if errors else ""
+        raise SimulationError(f"the Flower run wrote no results{why} (full log: {p.out / 'flower.log'})")
     data = json.loads(results.read_text())
     data["timings"]["simulation_wall_s"] = time.perf_counter() - t0
     atomic_write_text(results, json.dumps(data, indent=2))
