@@ -41,7 +41,8 @@ def _arrays(record: ArrayRecord) -> dict:
 def has_base(msg: Message, context: Context) -> Message:
     digest = str(msg.content["base"]["hash"])
     extra = tuple(str(context.node_config[k]) for k in ("base-folder",) if k in context.node_config)
-    found = find_base(digest, extra) is not None
+    model_id = str(msg.content["base"].get("model", ""))
+    found = find_base(digest, extra, model_id) is not None
     return Message(RecordDict({"base": MetricRecord({"has-base": int(found)})}), reply_to=msg)
 
 

@@ -112,7 +112,7 @@ def base_folder(
         }
         return store_base(digest, state, dict(base_files or {}))
     extra = tuple(str(node_config[k]) for k in ("base-folder",) if k in node_config)
-    folder = find_base(digest, extra)
+    folder = find_base(digest, extra, bundle.base_model_id)
     if folder is None:
         raise BundleError(f"this device holds no base with hash {digest[:16]}... and none was sent")
     return folder

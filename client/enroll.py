@@ -232,7 +232,7 @@ def answer(
     bundle = load_bundle(root / BUNDLE_DIR)
     verify_bundle(bundle, crypto.load_public_key(key))  # a file on disk is not trusted either
     base_folder = base_folder or (enrolled.base_folder if enrolled else "")
-    folder = find_base(bundle.base_content_hash, (base_folder,) if base_folder else ())
+    folder = find_base(bundle.base_content_hash, (base_folder,) if base_folder else (), bundle.base_model_id)
     if folder is None:
         raise BundleError(
             f"no local base with hash {bundle.base_content_hash[:16]}...; pass --base-folder with the model "

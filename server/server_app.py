@@ -42,7 +42,9 @@ def record_reply(msg: Message) -> None:
         "type": msg.metadata.message_type,
         "error": msg.error.reason if msg.has_error() else None,
         "records": {k: type(v).__name__ for k, v in content.items()} if content else {},
-        "content": base64.b64encode(recorddict_to_proto(content).SerializeToString()).decode() if content else "",
+        "content": base64.b64encode(recorddict_to_proto(content).SerializeToString()).decode()
+        if content
+        else "",
     }
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
@@ -80,10 +82,14 @@ def collect(grid: Grid, messages: list, timeout_s: float, progress: Progress):
             done += 1
             elapsed = time.monotonic() - start
             left = elapsed / done * (total - done)
+            node = device_of(msg, messages)
+            status = "failed" if msg.has_error() else "done"
             progress(
-                f"devices done {done}/{total}, {elapsed:.0f} s elapsed, about {left:.0f} s left",
+                f"devices done {done}/{total} (node {node} {status}), {elapsed:.0f} s elapsed, "
+                f"about {left:.0f} s left",
                 done=done,
                 total=total,
+                node=str(node),
             )
             yield msg
         time.sleep(0.5)
@@ -129,7 +135,7 @@ def main(grid: Grid, context: Context) -> None:
 
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
     replies: dict[int, DeviceReply] = {n: DeviceReply(n) for n in nodes}
-    probe = RecordDict({"base": ConfigRecord({"hash": digest})})
+    probe = RecordDict({"base": ConfigRecord({"hash": digest, "model": settings.proper.backbone.model})})
     probes = [make_message(probe, n, "query.base", "base") for n in nodes]
     for msg in grid.send_and_receive(probes, timeout=settings.node_wait_s):
         record_reply(msg)

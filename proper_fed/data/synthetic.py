@@ -44,12 +44,48 @@ TOPIC_WORDS = (
     "space",
 )
 KINDS = ("post", "video", "note", "photo")
-FILLERS = ("today", "again", "tips", "news", "story", "update", "list", "clip", "guide", "recap", "ideas",
-           "notes", "review", "thread", "facts", "basics", "trends", "questions", "moments", "picks")
+FILLERS = (
+    "today",
+    "again",
+    "tips",
+    "news",
+    "story",
+    "update",
+    "list",
+    "clip",
+    "guide",
+    "recap",
+    "ideas",
+    "notes",
+    "review",
+    "thread",
+    "facts",
+    "basics",
+    "trends",
+    "questions",
+    "moments",
+    "picks",
+)
 # A second word makes texts rarely repeat, so the leak guard (which drops history items identical to any
 # query) leaves the histories almost whole.
-MOODS = ("quick", "long", "funny", "calm", "old", "new", "odd", "weekly", "short", "local", "big", "daily",
-         "simple", "rare", "fresh", "late")
+MOODS = (
+    "quick",
+    "long",
+    "funny",
+    "calm",
+    "old",
+    "new",
+    "odd",
+    "weekly",
+    "short",
+    "local",
+    "big",
+    "daily",
+    "simple",
+    "rare",
+    "fresh",
+    "late",
+)
 TASK_NAME = "synthetic_groups"
 DEFAULT_LABELS = 5
 
