@@ -7,6 +7,7 @@ sections (`population.epochs`, `adapters.num-experts`, ...); dashes and undersco
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,19 @@ from proper_fed.personalize import DEVICE_METHODS, VARIANT_METHODS
 
 SECTIONS = ("backbone", "adapters", "population", "group", "user")
 BUILTIN_DATA = "synthetic"
+
+
+def flatten_config(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested TOML table as Flower's flat run config: `{"group": {"epochs": 2}}` -> `{"group.epochs": 2}`;
+    lists become comma-separated strings, since Flower config values are scalars."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, f"{key}."))
+        else:
+            out[key] = ",".join(map(str, v)) if isinstance(v, list) else v
+    return out
 
 
 def _csv(value: Any) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from typing import Any
 from proper_fed.atomic import atomic_write_text
 from proper_fed.certs import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
 from proper_fed.errors import ConfigError, ProperFedError
-from proper_fed.run_settings import BUILTIN_DATA, RunSettings
+from proper_fed.run_settings import BUILTIN_DATA, RunSettings, flatten_config
 
 log = logging.getLogger(__name__)
 
@@ -353,17 +353,6 @@ def default_app_dir() -> Path:
 # ---- run config ----
 
 
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = ",".join(map(str, v)) if isinstance(v, list) else v  # Flower values are scalars
-    return out
-
-
 def load_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A run config TOML as flat Flower keys: top-level keys and a `[run]` table as they are, other tables
     as `<table>.<key>`; a `[federation]` table (simulation only) is ignored."""
@@ -376,7 +365,7 @@ def load_run_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"--config {p}: not valid TOML: {err}") from err
     raw.pop("federation", None)
     run = raw.pop("run", {})
-    return {**flatten(run), **flatten(raw)}
+    return {**flatten_config(run), **flatten_config(raw)}
 
 
 def build_run_config(

@@ -19,7 +19,7 @@ from typing import Any
 from proper_fed.atomic import atomic_write_text
 from proper_fed.backbone import cache_dir
 from proper_fed.errors import ConfigError, ProperFedError
-from proper_fed.run_settings import RunSettings, load_split
+from proper_fed.run_settings import RunSettings, flatten_config, load_split
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,6 @@ def config_path(name_or_path: str) -> Path:
     raise ConfigError(f"no simulation config {name_or_path!r}: pass a TOML file or one of {names}")
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = ",".join(map(str, v)) if isinstance(v, list) else v  # Flower config values are scalars
-    return out
-
-
 def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> SimulationPlan:
     """Read a simulation config, apply CLI overrides, and size the federation from the data split."""
     path = config_path(config)
@@ -71,7 +60,7 @@ def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> Si
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     federation = raw.pop("federation", {})
     run = raw.pop("run", {})
-    flat = {**_flatten(run), **_flatten(raw)}
+    flat = {**flatten_config(run), **flatten_config(raw)}
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key in ("data", "task", "state-dir", "server-key", "server-public-key"):
         flat[key] = _absolute(flat.get(key, ""), path)  # the ServerApp runs in another working folder

@@ -44,7 +44,8 @@ def test_bad_run_config_is_refused_with_the_key_named(flat, needle):
 
 
 def test_simulation_configs_all_parse():
-    from simulations.run import CONFIGS, _flatten
+    from proper_fed.run_settings import flatten_config as _flatten
+    from simulations.run import CONFIGS
 
     for path in CONFIGS.glob("*.toml"):
         raw = tomllib.loads(path.read_text())
