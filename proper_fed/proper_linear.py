@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from proper_fed.config import AdapterConfig
@@ -100,46 +101,46 @@ class ProperLinear(nn.Module):
         need_xu = user or ctx.experts == "lora_router"
         if not (pop or experts or need_xu):
             return out
-        k, r, dtype = self.k, self.r_g, self.lora_pop_A.dtype
+        k, r = self.k, self.r_g
         if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(dtype)  # adapters compute in their own (full) precision; under autocast the matmul casts
-        # Every A the mode needs in one matmul (one cast and one read of x instead of one per adapter):
-        # rows [A_p (r_p); A_u (r_u); A_1..A_k (k*r_g); W_x (k)].
-        parts = [
-            (self.lora_pop_A, pop),
-            (self.lora_user_A, need_xu),
-            (self.lora_expert_A.reshape(k * r, -1), experts),
-            (self.lora_router_x, ctx.experts == "user_router"),
-        ]
-        a = [w for w, on in parts if on]
-        h = (x @ (torch.cat(a) if len(a) > 1 else a[0]).T).to(dtype)  # (..., sum of ranks)
-        pieces = iter(h.split([w.shape[0] for w in a], -1))
-        xp, xu = next(pieces) if pop else None, next(pieces) if need_xu else None
-        # Each adapter's scaled coefficients (small, (..., rank)) and its B, summed by one matmul at the end.
-        coef, b = [], []
+            x = x.to(self.lora_pop_A.dtype)  # adapters compute in their own (full) precision
+        # Every A the mode needs in one matmul, every B in another: x is cast and read once, the adapters' sum
+        # is one output. A rows and B columns line up: [population (r_p); experts (k*r_g); user (r_u)], then
+        # the user-aware router's W_x (k), which has no B. The scalings go onto the (small) B weights.
+        a, b = [], []
         if pop:
-            coef.append(self.s_p * xp)
-            b.append(self.lora_pop_B)  # (out, r_p)
+            a.append(self.lora_pop_A)  # (r_p, in)
+            b.append(self.s_p * self.lora_pop_B)  # (out, r_p)
         if experts:
-            xa = next(pieces)  # (..., k*r)
+            a.append(self.lora_expert_A.reshape(k * r, -1))  # (k*r, in)
+            b.append((self.s_g * self.lora_expert_B).permute(1, 0, 2).reshape(self.out_features, k * r))
+        if need_xu:
+            a.append(self.lora_user_A)  # (r_u, in)
+            if user:
+                b.append(self.s_u * self.lora_user_B)  # (out, r_u)
+        if ctx.experts == "user_router":
+            a.append(self.lora_router_x)  # (k, in)
+        h = F.linear(x, torch.cat(a) if len(a) > 1 else a[0])  # (..., sum of rows)
+        n_b = sum(w.shape[1] for w in b)
+        coef = h[..., :n_b]  # (..., n_b): the columns that meet a B
+        if experts:
+            start = self.r_p if pop else 0
             if ctx.experts == "user_router":
                 assert ctx.user_emb is not None, "user_router needs ctx.user_emb"
-                e = ctx.user_emb.to(dtype) @ self.lora_router_e.T  # (B, k)
-                logits = next(pieces) + e.view(e.shape[0], *([1] * (h.dim() - 2)), -1)
+                e = F.linear(ctx.user_emb.to(self.lora_router_e.dtype), self.lora_router_e)  # (B, k)
+                logits = h[..., -k:] + e.view(e.shape[0], *([1] * (h.dim() - 2)), -1)
             elif ctx.experts == "lora_router":
-                logits = xu @ self.lora_beta.T  # (..., k)
+                xu = h[..., start + k * r : start + k * r + self.r_u]  # (..., r_u)
+                logits = F.linear(xu, self.lora_beta)  # (..., k)
             else:  # uniform
                 logits = h.new_zeros((*h.shape[:-1], k))
-            gates = logits.float().softmax(-1)
+            gates = logits.float().softmax(-1)  # (..., k)
             if ctx.record:
                 ctx.gates.append(gates)
-            gated = (xa.unflatten(-1, (k, r)) * gates.to(dtype).unsqueeze(-1)).flatten(-2)  # (..., k*r)
-            coef.append(self.s_g * gated)
-            b.append(self.lora_expert_B.permute(1, 0, 2).reshape(self.out_features, k * r))  # (out, k*r)
-        if user:
-            coef.append(self.s_u * xu)
-            b.append(self.lora_user_B)  # (out, r_u)
-        delta = torch.cat(coef, -1) @ torch.cat(b, 1).T if len(coef) > 1 else coef[0] @ b[0].T  # (..., out)
+            g = gates.to(h.dtype).unsqueeze(-1).expand(*gates.shape, r).flatten(-2)  # (..., k*r)
+            g = F.pad(g, (start, n_b - start - k * r), value=1.0)  # (..., n_b): 1 on the other adapters
+            coef = coef * g
+        delta = F.linear(coef, torch.cat(b, 1) if len(b) > 1 else b[0])  # (..., out)
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
