@@ -7,6 +7,7 @@ sections (`population.epochs`, `adapters.num-experts`, ...); dashes and undersco
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ def _csv(value: Any) -> tuple[str, ...]:
 class RunSettings:
     """One run. `data` = "synthetic" (built-in grouped users) or a LaMP/OPPU path; `task` a task name or a
     custom task spec (.toml), "" = detect. `methods` run on every device, `variants` are server ablations.
-    `device_outputs`: simulation only, a folder where each virtual device keeps its raw predictions."""
+    `device_outputs`: simulation only, a folder where each virtual device keeps its raw predictions.
+    `server_threads`: CPU threads of the server stages, 0 = every core of the machine."""
 
     data: str = BUILTIN_DATA
     task: str = ""
@@ -64,6 +66,7 @@ class RunSettings:
     device_quantization: str = "nf4"
     reply_timeout_s: float = 3600.0
     device_outputs: str = ""
+    server_threads: int = 0
     proper: ProperConfig = field(default_factory=ProperConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -75,12 +78,23 @@ class RunSettings:
         _need(
             0 < self.server_fraction < 1, "server-fraction", self.server_fraction, "use a fraction in (0, 1)"
         )
+        _need(self.server_threads >= 0, "server-threads", self.server_threads, "use 0 (all cores) or a count")
         _need(
             self.device_quantization in ("nf4", "none"),
             "device-quantization",
             self.device_quantization,
             "use 'nf4' (4-bit bitsandbytes, the on-device default) or 'none'",
         )
+
+    @property
+    def threads(self) -> int:
+        """Threads for the server stages: `server_threads`, or every core this process may use."""
+        if self.server_threads:
+            return self.server_threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
     @property
     def state_path(self) -> Path:

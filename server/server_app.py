@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
@@ -103,6 +104,9 @@ def main(grid: Grid, context: Context) -> None:
     progress(
         "phase 1/3: server stages (population, group" + "".join(f", {v}" for v in settings.variants) + ")"
     )
+    # The server stages own the machine: a simulation's process may have inherited one thread (the virtual
+    # devices' setting), which would halve a 2-core machine's speed.
+    torch.set_num_threads(settings.threads)
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)
     models = train_all(

@@ -36,6 +36,7 @@ def test_pyproject_run_config_is_complete_and_matches_library_defaults():
         ({"server-fraction": 1.5}, "server-fraction=1.5"),
         ({"adapters.num-experts": 0}, "num_experts=0"),
         ({"device-quantization": "int3"}, "device-quantization"),
+        ({"server-threads": -1}, "server-threads=-1"),
     ],
 )
 def test_bad_run_config_is_refused_with_the_key_named(flat, needle):
@@ -52,3 +53,10 @@ def test_simulation_configs_all_parse():
         raw.pop("federation", None)
         run = raw.pop("run", {})
         RunSettings.from_run_config({**_flatten(run), **_flatten(raw)})
+
+
+def test_server_threads_default_to_every_usable_core_and_can_be_set():
+    import os
+
+    assert RunSettings.from_run_config({}).threads == len(os.sched_getaffinity(0))
+    assert RunSettings.from_run_config({"server-threads": 3}).threads == 3
