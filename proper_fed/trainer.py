@@ -121,7 +121,14 @@ def run_stage(
                 result.tokens += int(batch["attention_mask"].sum())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             result.epoch_losses.append(total / n_batches)
-            log.info("%s epoch %d/%d loss %.4f", stage, epoch + 1, cfg.epochs, result.epoch_losses[-1])
+            log.info(
+                "%s epoch %d/%d loss %.4f (%.0f s)",
+                stage,
+                epoch + 1,
+                cfg.epochs,
+                result.epoch_losses[-1],
+                time.perf_counter() - t0,
+            )
             if checkpointer is not None:
                 checkpointer.save(_checkpoint_bytes(trainable, opt, epoch + 1, result.epoch_losses))
     finally:

@@ -25,6 +25,7 @@ from server.progress import Progress
 from server.results import DeviceReply, write_results
 from server.server_stages import train_all
 from server.signing import load_or_create_signing_key
+from server.stage_process import train_server_stages_in_child
 from server.wire import base_content, bundle_content, make_message, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ def main(grid: Grid, context: Context) -> None:
     progress(
         "phase 1/3: server stages (population, group" + "".join(f", {v}" for v in settings.variants) + ")"
     )
-    # The server stages own the machine: a simulation's process may have inherited one thread (the virtual
-    # devices' setting), which would halve a 2-core machine's speed.
+    train_server_stages_in_child(dict(context.run_config), progress.t0)
     torch.set_num_threads(settings.threads)
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)

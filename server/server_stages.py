@@ -130,7 +130,7 @@ def train_all(
         if vcfg == cfg and not e2e:
             out[variant] = dataclasses.replace(out["proper"], name=variant)
             continue
-        log.info("server variant %s", variant)
+        log.info("variant %s", variant)
         out[variant] = train_server_model(
             backbone,
             examples,
