@@ -55,7 +55,10 @@ NodeWait = Annotated[
 ]
 ReplyTimeout = Annotated[
     float | None,
-    typer.Option("--reply-timeout-s", help="A device that has not replied by then is reported as failed."),
+    typer.Option(
+        "--reply-timeout-s",
+        help="Devices still silent after this many seconds without any reply are reported as failed.",
+    ),
 ]
 Config = Annotated[
     Path | None,

@@ -113,7 +113,9 @@ def write_results(
             "devices_answered": answered,
         },
         "failed": {
-            str(n): r.error or "no reply before the timeout" for n, r in replies.items() if r.metrics is None
+            str(n): r.error or "no reply: reply-timeout-s passed without any device replying"
+            for n, r in replies.items()
+            if r.metrics is None
         },
         "methods": agg["methods"],
         "history_len": agg["history_len"],
