@@ -10,20 +10,17 @@ import logging
 import os
 import time
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-from proper_fed.backbone import load_backbone
+from proper_fed.backbone import model_folder
 from proper_fed.base_store import base_hash, load_base_state_dict, side_files
 from proper_fed.bundle import build_bundle
-from proper_fed.data import server_training_examples
 from proper_fed.data.baselines import majority_label
 from proper_fed.run_settings import RunSettings, load_split
 from server.progress import Progress
 from server.results import DeviceReply, write_results
-from server.server_stages import train_all
 from server.signing import load_or_create_signing_key
 from server.stage_process import train_server_stages_in_child
 from server.wire import base_content, bundle_content, make_message, payload_bytes
@@ -109,17 +106,13 @@ def main(grid: Grid, context: Context) -> None:
     progress(
         "phase 1/3: server stages (population, group" + "".join(f", {v}" for v in settings.variants) + ")"
     )
-    train_server_stages_in_child(dict(context.run_config), progress.t0)
-    torch.set_num_threads(settings.threads)
+    models = train_server_stages_in_child(dict(context.run_config), progress.t0)
     split = load_split(settings)
-    backbone = load_backbone(settings.proper.backbone)
-    models = train_all(
-        backbone, server_training_examples(split), settings.proper, settings.state_path, settings.variants
-    )
     t_server = time.perf_counter() - t0
 
     progress("phase 2/3: signing the bundle")
-    digest = base_hash(backbone.folder)
+    folder = model_folder(settings.proper.backbone.model)
+    digest = base_hash(folder)
     key = load_or_create_signing_key(settings.key_path, settings.public_key_path)
     tensors = {
         f"{name}.{scope}": getattr(m, scope)
@@ -158,9 +151,7 @@ def main(grid: Grid, context: Context) -> None:
     for n in nodes:
         content = RecordDict(dict(shared.items()))
         if not replies[n].has_base:
-            base = base or base_content(
-                load_base_state_dict(backbone.folder), side_files(backbone.folder), digest
-            )
+            base = base or base_content(load_base_state_dict(folder), side_files(folder), digest)
             for k, v in base.items():
                 content[k] = v
         replies[n].sent_train = payload_bytes(content)

@@ -1,7 +1,7 @@
 """The server stages in a process of their own. Flower runs a ServerApp's main in a worker thread beside its
 own busy threads (in simulation, inside the Ray driver); trained there, the stages ran at about half the
-speed of a plain process on a 2-core machine. A spawned child trains them with every core and writes the
-state folder; the ServerApp then loads the finished stages from it (the same resume path as after a crash)."""
+speed of a plain process on a 2-core machine. A spawned child trains them with every core (resuming from the
+state folder as after a crash) and hands the finished server models back."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from proper_fed.errors import ProperFedError
+from server.server_stages import ServerModel, train_all
 
 
-def train_server_stages_in_child(run_config: dict[str, Any], progress_t0: float) -> None:
-    """Train (or resume) every server model of the run in a spawned process; raise its error here. Each
+def train_server_stages_in_child(run_config: dict[str, Any], progress_t0: float) -> dict[str, ServerModel]:
+    """Train (or resume) every server model of the run in a spawned process and return them; raise its
+    error here. Each
     finished epoch goes to the run's progress file; the process's own output (progress bars, warnings) to
     `<state-dir>/server_stages.log`."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            pool.submit(_train, dict(run_config), progress_t0).result()
+            return pool.submit(_train, dict(run_config), progress_t0).result()
         except BrokenProcessPool as err:
             raise ProperFedError(
                 "the server-stage process died (out of memory, or killed); its finished epochs are "
@@ -38,14 +40,13 @@ class _EpochsToProgress(logging.Handler):
         self.progress(f"server {record.getMessage()}")
 
 
-def _train(run_config: dict[str, Any], progress_t0: float) -> None:
+def _train(run_config: dict[str, Any], progress_t0: float) -> dict[str, ServerModel]:
     import torch
 
     from proper_fed.backbone import load_backbone
     from proper_fed.data import server_training_examples
     from proper_fed.run_settings import RunSettings, load_split
     from server.progress import Progress
-    from server.server_stages import train_all
 
     settings = RunSettings.from_run_config(run_config)
     settings.state_path.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,6 @@ def _train(run_config: dict[str, Any], progress_t0: float) -> None:
     torch.set_num_threads(settings.threads)
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)
-    train_all(
+    return train_all(
         backbone, server_training_examples(split), settings.proper, settings.state_path, settings.variants
     )
