@@ -7,6 +7,7 @@ once into a cache folder (`PROPER_FED_CACHE`, default `~/.cache/proper-fed`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -21,6 +22,7 @@ from torch import nn
 
 from proper_fed.config import BackboneConfig
 from proper_fed.errors import ModelLoadError
+from proper_fed.precision import Precision, compute_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Backbone:
     config: BackboneConfig
     device: torch.device
     folder: Path
+    precision: Precision | None = None  # what `dtype` resolved to on this hardware, and why
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when the config asks for it; a no-op otherwise."""
@@ -185,12 +188,14 @@ def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
 
     cfg = cfg or BackboneConfig()
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.dtype, device)
+    cfg = dataclasses.replace(cfg, dtype=precision.dtype)  # downstream sees the concrete choice
     folder = model_folder(cfg.model)
     kwargs: dict = {"dtype": _torch_dtype(cfg)}
     if cfg.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelLoadError("load_in_4bit needs bitsandbytes: pip install bitsandbytes==0.50.2")
-        compute = torch.bfloat16 if cfg.dtype != "fp32" else torch.float32
+        compute = compute_dtype(precision)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -211,4 +216,5 @@ def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
         tok.pad_token = tok.eos_token
     model.requires_grad_(False)
     model.eval()
-    return Backbone(model=model, tokenizer=tok, name=cfg.model, config=cfg, device=device, folder=folder)
+    log.info("backbone %s on %s in %s (%s)", cfg.model, precision.hardware, cfg.dtype, precision.requested)
+    return Backbone(model, tok, cfg.model, cfg, device, folder, precision)

