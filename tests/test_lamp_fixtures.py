@@ -7,11 +7,12 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from proper_fed.data import load_dataset
+from proper_fed.data import load_dataset, subset_dataset
 from proper_fed.data.task_spec import METRICS_BY_TYPE
 
 LAMP = Path(__file__).parent / "fixtures" / "lamp"
@@ -115,6 +116,24 @@ def test_oppu_folders_keep_their_server_split_and_read_golds_inline_or_from_the_
     assert labels["task"] == "LaMP_4"
     golds = {q.id: q.gold for u in load_dataset(LAMP / "oppu/news_headline").users for q in u.queries}
     assert all(golds[g["id"]] == g["output"] for g in labels["golds"])
+
+
+def test_max_profile_orders_dates_as_lamp_does_years_and_unpadded_dates_included():
+    # LaMP's recency retriever sorts by tuple(map(int, date.split("-"))); as text "2013-4-9" > "2013-10-1"
+    user = load_dataset(LAMP / "time/LaMP_4/dev").users[0]
+    dates = ["2013-10-1", "2013-4-9", "2012-12-30"]
+    profile = tuple(
+        replace(it, fields={**it.fields, "date": d}) for it, d in zip(user.profile[:3], dates, strict=True)
+    )
+    ds = replace(load_dataset(LAMP / "time/LaMP_4/dev"), users=(replace(user, profile=profile),))
+    kept = subset_dataset(ds, max_profile=2).users[0].profile
+    assert [it.fields["date"] for it in kept] == ["2013-4-9", "2013-10-1"]
+    years = load_dataset(LAMP / "time/LaMP_1/dev")  # LaMP-1 dates are publication years
+    assert all(it.fields["date"].isdigit() for u in years.users for it in u.profile)
+    kept = subset_dataset(years, max_profile=2).users[0].profile
+    assert [it.fields["date"] for it in kept] == sorted(it.fields["date"] for it in years.users[0].profile)[
+        -2:
+    ]
 
 
 def test_build_script_reproduces_the_committed_fixtures(tmp_path):

@@ -49,12 +49,25 @@ class FederationSplit:
             raise ConfigError(f"users on both sides of the split: {sorted(shared)[:5]}")
 
 
+def _date_key(date: str) -> tuple[int, ...] | None:
+    """LaMP's own recency retriever orders dates as `tuple(map(int, date.split("-")))`: years ("2011") and
+    unpadded dates ("2013-4-9") included. None when the date is not of that form."""
+    try:
+        return tuple(int(part) for part in date.split("-"))
+    except ValueError:
+        return None
+
+
 def _most_recent(profile: Sequence[ProfileItem], n: int) -> tuple[ProfileItem, ...]:
-    # Sort by date when every item has one (ISO dates sort as text); otherwise trust the source's order,
-    # which LaMP and OPPU give oldest first.
+    # Sort by date when every item has one (as LaMP does, else as text); otherwise trust the source's
+    # order, which LaMP and OPPU give oldest first.
     items = list(profile)
     if all("date" in it.fields for it in items):
-        items.sort(key=lambda it: it.fields["date"])
+        keys = [_date_key(it.fields["date"]) for it in items]
+        if all(k is not None for k in keys):
+            items = [it for _, it in sorted(zip(keys, items, strict=True), key=lambda pair: pair[0])]
+        else:
+            items.sort(key=lambda it: it.fields["date"])
     return tuple(items[-n:]) if n < len(items) else tuple(items)
 
 
