@@ -77,7 +77,7 @@ def train_user(msg: Message, context: Context) -> Message:
         )
         keep_bundle(bundle, store)
         if settings.device_outputs:
-            write_local_predictions(settings.device_outputs, me, predictions)
+            write_local_predictions(settings.device_outputs, me, predictions, context.node_id)
     except ProperFedError as err:
         log.error("user stage refused: %s", err)
         return Message(error=Error(code=400, reason=f"{type(err).__name__}: {err}"[:400]), reply_to=msg)

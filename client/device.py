@@ -26,9 +26,10 @@ from proper_fed.data.task_spec import TaskSpec
 from proper_fed.data.types import User
 from proper_fed.errors import BundleError, ConfigError
 from proper_fed.metric_stats import query_stats
-from proper_fed.personalize import DEVICE_METHODS, personalize_user, run_method
+from proper_fed.personalize import DEVICE_METHODS, MethodResult, Scored, personalize_user, run_method
 from proper_fed.proper_model import ProperModel
 from proper_fed.run_settings import RunSettings, load_split
+from proper_fed.scoring import check_protocols, scored_answer, scored_name
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,28 @@ def device_user(settings: RunSettings, node_config: Mapping[str, Any]) -> Device
             "many SuperNodes as device users"
         )
     return DeviceUser(split.task, split.device_users[pid])
+
+
+def device_task(settings: RunSettings, node_config: Mapping[str, Any]) -> TaskSpec:
+    """The task `device_user` finds, without reading any user when the task is named (node config, run
+    config, the data folder's task.toml, the built-in data); only an unnamed task is read from the data."""
+    from proper_fed.data.loader import FOLDER_SPEC
+    from proper_fed.data.synthetic import synthetic_spec
+    from proper_fed.data.tasks import resolve_task
+    from proper_fed.run_settings import BUILTIN_DATA
+
+    if "data-path" in node_config:
+        named, path = str(node_config.get("task", "")) or settings.task, Path(str(node_config["data-path"]))
+    elif settings.data == BUILTIN_DATA:
+        return synthetic_spec(settings.synthetic.labels)
+    else:
+        named, path = settings.task, Path(settings.data)
+    if named:
+        found = resolve_task(None, named) if named.endswith(".toml") else resolve_task(named)
+    else:
+        spec = (path if path.is_dir() else path.parent) / FOLDER_SPEC
+        found = resolve_task(None, str(spec)) if spec.is_file() else None
+    return found if found is not None else device_user(settings, node_config).task
 
 
 def server_public_key(settings: RunSettings, node_config: Mapping[str, Any]):
@@ -174,9 +197,12 @@ def personalize_device(
     settings: RunSettings,
     store: AdapterStore,
     majority: str | None,
-) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """All methods for this device's user: numbers to send, predictions to keep."""
+) -> tuple[dict[str, float], dict[str, Scored]]:
+    """All methods for this device's user under every scoring protocol: numbers to send, and the answers to
+    keep, by the name they are reported under (`proper`, `proper@rank`, ...)."""
     task, user = me.task, me.user
+    protocols = settings.scoring
+    check_protocols(task, protocols)
     history = device_training_examples(task, user)
     queries = device_eval_examples(task, user)
     if not queries:
@@ -187,18 +213,20 @@ def personalize_device(
     tag = hashlib.sha256(json.dumps(bundle_id, sort_keys=True).encode()).hexdigest()[:12]
     cfg = settings.proper.user
     numbers: dict[str, float] = {"history_len": float(len(user.profile)), "queries": float(len(queries))}
-    predictions: dict[str, list[str]] = {}
+    predictions: dict[str, Scored] = {}
 
-    def keep(method: str, result) -> None:
-        numbers.update({f"{method}.{k}": float(v) for k, v in result.stats.items()})
+    def keep(method: str, result: MethodResult) -> None:
+        for protocol, scored in result.scored.items():
+            name = scored_name(method, protocol, protocols)
+            numbers.update({f"{name}.{k}": float(v) for k, v in scored.stats.items()})
+            predictions[name] = scored
         numbers.update(
             {
                 f"{method}.train_s": result.train_seconds,
-                f"{method}.eval_s": result.eval_seconds,
+                f"{method}.eval_s": result.scored[protocols[0]].seconds,
                 f"{method}.trainable_params": float(result.trainable_parameters),
             }
         )
-        predictions[method] = result.predictions
 
     def save_adapter(method: str, model: ProperModel) -> None:
         if method == "proper":
@@ -219,6 +247,7 @@ def personalize_device(
             cfg,
             checkpointer_for=lambda m: _resumable(store, user.user_id, m, tag),
             on_trained=save_adapter,
+            protocols=protocols,
         )
     finally:
         model.remove()
@@ -237,6 +266,7 @@ def personalize_device(
                     queries,
                     cfg,
                     store.checkpointer(user.user_id, _stage_key(variant, tag)),
+                    protocols,
                 ),
             )
         finally:
@@ -250,21 +280,28 @@ def personalize_device(
         own = [str(x) for x in own if x is not None]
         mine = max(sorted(set(own)), key=own.count) if own else (majority or "")
         for method, label in (("majority", majority or ""), ("user_majority", mine)):
-            numbers.update(
-                {f"{method}.{k}": float(v) for k, v in query_stats(task, [label] * len(golds), golds).items()}
+            stats = query_stats(task, [label] * len(golds), golds)
+            numbers.update({f"{method}.{k}": float(v) for k, v in stats.items()})
+            predictions[method] = Scored(
+                stats, [scored_answer(task, label)] * len(golds), [label] * len(golds)
             )
-            predictions[method] = [label] * len(golds)
     return numbers, predictions
 
 
-def write_local_predictions(folder: str, me: DeviceUser, predictions: dict[str, list[str]]) -> None:
-    """Simulation only: each device keeps its raw predictions on its own disk, for LaMP's scorer."""
+def write_local_predictions(
+    folder: str, me: DeviceUser, predictions: Mapping[str, Scored], node_id: int
+) -> None:
+    """Simulation only: each device keeps, on its own disk, per reported name, each query's scored answer
+    (`output`, exactly what the statistics scored) and its raw answer (`raw`), in `<name>/<node id>.json`;
+    the node id is what results.json's per-user tables are keyed by."""
     from proper_fed.atomic import atomic_write_text
 
     queries = [q for q in me.user.queries if q.gold is not None]
-    for method, preds in predictions.items():
-        path = Path(folder) / method / f"{hashlib.sha256(me.user.user_id.encode()).hexdigest()[:16]}.json"
+    for name, scored in predictions.items():
+        rows = [
+            {"id": q.id, "output": out, "raw": raw}
+            for q, out, raw in zip(queries, scored.answers, scored.raw, strict=True)
+        ]
+        path = Path(folder) / name / f"{node_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            path, json.dumps([{"id": q.id, "output": p} for q, p in zip(queries, preds, strict=True)])
-        )
+        atomic_write_text(path, json.dumps(rows))

@@ -20,10 +20,20 @@ class Encoded:
     labels: list[int]
 
 
-def encode(backbone: Backbone, ex: Example, max_length: int) -> Encoded:
+def prompt_ids(backbone: Backbone, prompt: str) -> list[int]:
+    """The prompt's tokens as the model sees them (chat template applied), no special tokens added."""
+    return backbone.tokenizer(backbone.format_prompt(prompt), add_special_tokens=False).input_ids
+
+
+def target_ids(backbone: Backbone, target: str) -> list[int]:
+    """The target's tokens and the eos that ends the answer: what training scores and `rank` scores."""
     tok = backbone.tokenizer
-    prompt = tok(backbone.format_prompt(ex.prompt), add_special_tokens=False).input_ids
-    target = tok(ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return tok(target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def encode(backbone: Backbone, ex: Example, max_length: int) -> Encoded:
+    prompt = prompt_ids(backbone, ex.prompt)
+    target = target_ids(backbone, ex.target)
     target = target[: max(1, max_length // 2)]  # keep room for at least half a prompt
     prompt = prompt[-(max_length - len(target)) :] if len(prompt) + len(target) > max_length else prompt
     return Encoded(ex.user_id, prompt + target, [IGNORE] * len(prompt) + target)

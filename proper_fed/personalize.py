@@ -1,8 +1,9 @@
 """What a device does with the frozen server stages and its own history: evaluate the server's models, train
 its user stage (PROPER, and the baselines that share the same base), evaluate each on its held-out queries.
 
-The result is numbers (sufficient statistics, timings, sizes) plus, kept on the device, the raw predictions
-and the user adapter. Nothing here talks to Flower.
+The result is numbers (sufficient statistics, timings, sizes) plus, kept on the device, the answers (what was
+scored, and the raw generations) and the user adapter. Each method is evaluated under every scoring protocol
+of the run (see `scoring.py`); training happens once. Nothing here talks to Flower.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from proper_fed.example import Example
 from proper_fed.generate import generate
 from proper_fed.metric_stats import query_stats
 from proper_fed.proper_model import ProperModel
+from proper_fed.rank import rank_answers
+from proper_fed.scoring import scored_answer
 from proper_fed.trainer import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -39,31 +42,61 @@ VARIANT_METHODS = ("proper_end_to_end", "proper_no_constraint", "proper_k2", "pr
 
 
 @dataclass
-class MethodResult:
+class Scored:
+    """One method under one protocol: its statistics, the answers scored (parsed, as text) and the raw ones."""
+
     stats: dict[str, float]
-    predictions: list[str]
+    answers: list[str]
+    raw: list[str]
+    seconds: float = 0.0
+
+
+@dataclass
+class MethodResult:
+    scored: dict[str, Scored] = field(default_factory=dict)  # protocol -> its evaluation, in run order
     train_seconds: float = 0.0
-    eval_seconds: float = 0.0
     trainable_parameters: int = 0
     epoch_losses: list[float] = field(default_factory=list)
 
+    @property
+    def eval_seconds(self) -> float:
+        return sum(s.seconds for s in self.scored.values())
 
-def max_new_tokens_for(task: TaskSpec) -> int:
-    return {"classification": 8, "rating": 4}.get(task.type, 48)
+
+def max_new_tokens_for(task: TaskSpec, tokenizer=None) -> int:  # noqa: ANN001 - any HF tokenizer
+    """Greedy budget: room for the longest label plus a short lead-in ("The tag is ..."), so a model that
+    names a label in a sentence is not cut off before it (a cut answer parses as no label)."""
+    if task.type == "classification" and tokenizer is not None:
+        longest = max(len(tokenizer(label, add_special_tokens=False).input_ids) for label in task.labels)
+        return max(16, longest + 12)
+    return {"classification": 16, "rating": 8}.get(task.type, 48)
+
+
+def _answers(
+    model: ProperModel, task: TaskSpec, queries: Sequence[Example], protocol: str, batch_size: int
+) -> list[str]:
+    prompts, users = [q.prompt for q in queries], [q.user_id for q in queries]
+    if protocol == "rank":
+        return rank_answers(model, prompts, users, task.labels)
+    if protocol != "generate":
+        raise ValueError(f"scoring protocol {protocol!r}; use generate or rank")
+    budget = max_new_tokens_for(task, model.backbone.tokenizer)
+    return generate(model, prompts, users, max_new_tokens=budget, batch_size=batch_size)
 
 
 def evaluate(
-    model: ProperModel, task: TaskSpec, queries: Sequence[Example], batch_size: int = 8
-) -> tuple[dict[str, float], list[str], float]:
+    model: ProperModel,
+    task: TaskSpec,
+    queries: Sequence[Example],
+    protocol: str = "generate",
+    batch_size: int = 8,
+) -> Scored:
+    """Answer every query under one protocol (`rank`: the chosen label is the answer) and score it."""
     t0 = time.perf_counter()
-    preds = generate(
-        model,
-        [q.prompt for q in queries],
-        [q.user_id for q in queries],
-        max_new_tokens=max_new_tokens_for(task),
-        batch_size=batch_size,
-    )
-    return query_stats(task, preds, [q.target for q in queries]), preds, time.perf_counter() - t0
+    raw = _answers(model, task, queries, protocol, batch_size)
+    stats = query_stats(task, raw, [q.target for q in queries])
+    answers = [scored_answer(task, r) for r in raw]
+    return Scored(stats, answers, raw, time.perf_counter() - t0)
 
 
 def run_method(
@@ -74,11 +107,13 @@ def run_method(
     queries: Sequence[Example],
     cfg: TrainConfig,
     checkpointer: Checkpointer | None = None,
+    protocols: Sequence[str] = ("generate",),
 ) -> MethodResult:
-    """Evaluate one method for one user. `method` is a key of DEVICE_METHODS or a server variant name (which
-    means: the PROPER user stage on that variant's group model, already loaded in `model`)."""
+    """Evaluate one method for one user under each scoring protocol. `method` is a key of DEVICE_METHODS or a
+    server variant name (which means: the PROPER user stage on that variant's group model, already loaded in
+    `model`)."""
     stage, mix = DEVICE_METHODS.get(method, ("user", "lora_router"))
-    result = MethodResult(stats={}, predictions=[])
+    result = MethodResult()
     if mix is not None:
         if not history:
             log.warning("user has no history: %s falls back to the group model", method)
@@ -88,7 +123,7 @@ def run_method(
             result.train_seconds, result.trainable_parameters = r.seconds, r.trainable_parameters
             result.epoch_losses = r.epoch_losses
     stages.serving_mode(model, stage, expert_mix=mix or "lora_router")
-    result.stats, result.predictions, result.eval_seconds = evaluate(model, task, queries)
+    result.scored = {p: evaluate(model, task, queries, p) for p in protocols}
     return result
 
 
@@ -101,6 +136,7 @@ def personalize_user(
     cfg: TrainConfig,
     checkpointer_for: Callable[[str], Checkpointer | None] | None = None,
     on_trained: Callable[[str, ProperModel], None] | None = None,
+    protocols: Sequence[str] = ("generate",),
 ) -> dict[str, MethodResult]:
     """Run every requested device method for one user on the same history and the same queries.
 
@@ -113,7 +149,7 @@ def personalize_user(
     out: dict[str, MethodResult] = {}
     for method in methods:
         ck = checkpointer_for(method) if checkpointer_for else None
-        out[method] = run_method(model, method, task, history, queries, cfg, ck)
+        out[method] = run_method(model, method, task, history, queries, cfg, ck, protocols)
         if on_trained is not None and DEVICE_METHODS[method][1] is not None and history:
             on_trained(method, model)
     torch.manual_seed(cfg.seed)

@@ -18,6 +18,7 @@ from proper_fed.data import FederationSplit, load_dataset, split_federation
 from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic
 from proper_fed.errors import ConfigError
 from proper_fed.personalize import DEVICE_METHODS, VARIANT_METHODS
+from proper_fed.scoring import PROTOCOLS, check_protocols
 
 SECTIONS = ("backbone", "adapters", "population", "group", "user")
 BUILTIN_DATA = "synthetic"
@@ -47,7 +48,10 @@ class RunSettings:
     """One run. `data` = "synthetic" (built-in grouped users) or a LaMP/OPPU path; `task` a task name or a
     custom task spec (.toml), "" = detect. `methods` run on every device, `variants` are server ablations.
     `device_outputs`: simulation only, a folder where each virtual device keeps its raw predictions.
-    `server_threads`: CPU threads of the server stages, 0 = every core of the machine."""
+    `server_threads`: CPU threads of the server stages, 0 = every core of the machine.
+    `scoring`: scoring protocols, each applied to every method ("generate": greedy answer, parsed, as LaMP;
+    "rank": the label with the highest log-likelihood, classification and rating tasks only); the first is
+    reported as `<method>`, the others as `<method>@<protocol>`."""
 
     data: str = BUILTIN_DATA
     task: str = ""
@@ -57,6 +61,7 @@ class RunSettings:
     seed: int = 0
     methods: tuple[str, ...] = ("zero_shot", "population", "proper_group", "oppu", "proper")
     variants: tuple[str, ...] = ()
+    scoring: tuple[str, ...] = ("generate",)
     out: str = "runs/latest"
     state_dir: str = ""
     server_key: str = ""
@@ -75,6 +80,14 @@ class RunSettings:
         _need(not bad, "methods", ",".join(self.methods), f"use names from {sorted(DEVICE_METHODS)}")
         bad = [v for v in self.variants if v not in VARIANT_METHODS]
         _need(not bad, "variants", ",".join(self.variants), f"use names from {list(VARIANT_METHODS)}")
+        bad = [p for p in self.scoring if p not in PROTOCOLS]
+        ok = self.scoring and not bad and len(set(self.scoring)) == len(self.scoring)
+        _need(
+            ok,
+            "scoring",
+            ",".join(self.scoring),
+            f"list each of {list(PROTOCOLS)} at most once, at least one",
+        )
         _need(
             0 < self.server_fraction < 1, "server-fraction", self.server_fraction, "use a fraction in (0, 1)"
         )
@@ -128,7 +141,7 @@ class RunSettings:
                     f"run config key {key!r} is unknown; valid keys: {sorted(names)} and "
                     f"<section>.<field> for sections {sorted(nested)}"
                 )
-        for key in ("methods", "variants"):
+        for key in ("methods", "variants", "scoring"):
             if key in top:
                 top[key] = _csv(top[key])
         if "target_modules" in nested["adapters"]:
@@ -147,6 +160,7 @@ def load_split(settings: RunSettings) -> FederationSplit:
             (None, settings.task) if settings.task.endswith(".toml") else (settings.task or None, None)
         )
         dataset = load_dataset(settings.data, task=task, spec=spec)
+    check_protocols(dataset.task, settings.scoring)  # the first point the task is known
     return split_federation(
         dataset,
         settings.server_fraction,

@@ -174,14 +174,35 @@ def _follow(path: Path, seen: int, on_line: Callable[[str], None] | None) -> int
     return max(seen, len(rows))
 
 
+def _answered_rows(folder: Path, answered: set[str]) -> list[dict]:
+    """The rows of the devices results.json counts for this name; files of other devices are left out."""
+    rows, skipped = [], []
+    for f in sorted(folder.glob("*.json")):
+        if f.stem in answered:
+            rows.extend(json.loads(f.read_text()))
+        else:
+            skipped.append(f.stem)
+    if skipped:
+        log.warning(
+            "%s: left out the answers of %d device(s) the results do not count", folder.name, len(skipped)
+        )
+    return sorted(rows, key=lambda r: r["id"])
+
+
 def merge_predictions(out: Path, task: str) -> dict[str, Path]:
-    """Devices' raw predictions (kept on their own disk in simulation) in LaMP's outputs layout, per method."""
+    """Per reported name (`proper`, `proper@rank`, ...), the answers of exactly the devices results.json
+    counts (its per-user tables, keyed by node id), in LaMP's outputs layout: `predictions/<name>.json`
+    holds what was scored (LaMP's scorer reproduces results.json from it), `raw/<name>.json` the raw answers."""
+    methods = json.loads((out / "results.json").read_text()).get("methods", {})
     written = {}
-    for method_dir in sorted((out / "device_outputs").glob("*")):
-        golds = [row for f in sorted(method_dir.glob("*.json")) for row in json.loads(f.read_text())]
-        golds.sort(key=lambda r: r["id"])
-        path = out / "predictions" / f"{method_dir.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"task": task, "golds": golds}, indent=1))
-        written[method_dir.name] = path
+    for kind in ("predictions", "raw"):
+        shutil.rmtree(out / kind, ignore_errors=True)  # never mix in an earlier run's methods
+        (out / kind).mkdir(parents=True)
+    for folder in sorted(p for p in (out / "device_outputs").glob("*") if p.is_dir()):
+        rows = _answered_rows(folder, set(methods.get(folder.name, {}).get("per_user", {})))
+        for kind, field in (("predictions", "output"), ("raw", "raw")):
+            golds = [{"id": r["id"], "output": r[field]} for r in rows]
+            path = out / kind / f"{folder.name}.json"
+            atomic_write_text(path, json.dumps({"task": task, "golds": golds}, indent=1))
+        written[folder.name] = out / "predictions" / f"{folder.name}.json"
     return written
