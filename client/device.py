@@ -216,17 +216,17 @@ def personalize_device(
     predictions: dict[str, Scored] = {}
 
     def keep(method: str, result: MethodResult) -> None:
-        for protocol, scored in result.scored.items():
+        for protocol, scored in result.scored.items():  # one training, evaluated under each protocol
             name = scored_name(method, protocol, protocols)
             numbers.update({f"{name}.{k}": float(v) for k, v in scored.stats.items()})
+            numbers.update(
+                {
+                    f"{name}.train_s": result.train_seconds,
+                    f"{name}.eval_s": scored.seconds,
+                    f"{name}.trainable_params": float(result.trainable_parameters),
+                }
+            )
             predictions[name] = scored
-        numbers.update(
-            {
-                f"{method}.train_s": result.train_seconds,
-                f"{method}.eval_s": result.scored[protocols[0]].seconds,
-                f"{method}.trainable_params": float(result.trainable_parameters),
-            }
-        )
 
     def save_adapter(method: str, model: ProperModel) -> None:
         if method == "proper":
