@@ -23,7 +23,7 @@ from client.device import (
 )
 from client.privacy_guard import privacy_guard
 from proper_fed.base_store import find_base
-from proper_fed.errors import ProperFedError
+from proper_fed.errors import ProperFedError, public_error
 from proper_fed.run_settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,22 @@ def _arrays(record: ArrayRecord) -> dict:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def _error(msg: Message, err: BaseException) -> Message:
+    """The only error reply a device sends: a code and its fixed message, never the exception's text."""
+    code, message = public_error(err)
+    return Message(error=Error(code=code, reason=message), reply_to=msg)
+
+
 @app.query("base")
 def has_base(msg: Message, context: Context) -> Message:
     digest = str(msg.content["base"]["hash"])
     extra = tuple(str(context.node_config[k]) for k in ("base-folder",) if k in context.node_config)
     model_id = str(msg.content["base"].get("model", ""))
-    found = find_base(digest, extra, model_id) is not None
+    try:
+        found = find_base(digest, extra, model_id) is not None
+    except Exception as err:  # Flower's own error reply would carry the text (a local path)
+        log.exception("looking for the base failed")
+        return _error(msg, err)
     return Message(RecordDict({"base": MetricRecord({"has-base": int(found)})}), reply_to=msg)
 
 
@@ -79,7 +89,11 @@ def train_user(msg: Message, context: Context) -> Message:
         if settings.device_outputs:
             write_local_predictions(settings.device_outputs, me, predictions, context.node_id)
     except ProperFedError as err:
-        log.error("user stage refused: %s", err)
-        return Message(error=Error(code=400, reason=f"{type(err).__name__}: {err}"[:400]), reply_to=msg)
+        # The detail (user ids, field values, paths) stays in this device's log; the server gets a fixed text.
+        log.error("user stage refused (%s): %s", type(err).__name__, err)
+        return _error(msg, err)
+    except Exception as err:
+        log.exception("user stage failed unexpectedly")
+        return _error(msg, err)
     numbers["device_total_s"] = time.perf_counter() - t0
     return Message(RecordDict({"metrics": MetricRecord(numbers)}), reply_to=msg)

@@ -12,11 +12,9 @@ from flwr.app import Message
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.data import FederationSplit
-from proper_fed.metric_stats import add_stats, metrics_from_stats
+from proper_fed.metric_stats import add_stats, metrics_from_stats, parse_rate
+from proper_fed.reply_schema import COST_KEYS
 from proper_fed.run_settings import RunSettings
-
-# Stats keys a device reports per method, besides the metric statistics.
-COST_KEYS = ("train_s", "eval_s", "trainable_params")
 
 
 @dataclass
@@ -42,7 +40,8 @@ class DeviceReply:
             self.metrics = dict(msg.content["metrics"])
 
     def methods(self) -> dict[str, dict[str, float]]:
-        """Per method: its statistics, from keys '<method>.<stat>'."""
+        """Per method: its statistics, from keys '<method>.<stat>'. A further scoring protocol's
+        '<method>@<protocol>.<stat>' is a method of its own ('proper@rank'); a stat may hold a dot ('tp.3')."""
         out: dict[str, dict[str, float]] = defaultdict(dict)
         for key, value in (self.metrics or {}).items():
             method, _, stat = key.partition(".")
@@ -80,8 +79,10 @@ def aggregate(split: FederationSplit, replies: dict[int, DeviceReply]) -> dict:
         for n, s in stats.items():
             cohorts[cohort_of[n]].append(s)
         costs = {k: [s[k] for s in by_node.values() if k in s] for k in COST_KEYS}
+        pooled = add_stats(stats.values())
         methods[method] = {
-            "metrics": metrics_from_stats(task, add_stats(stats.values())),
+            "metrics": metrics_from_stats(task, pooled),
+            "parse_rate": parse_rate(pooled),
             "per_user": {str(n): metrics_from_stats(task, s) for n, s in stats.items()},
             "cohorts": {c: metrics_from_stats(task, add_stats(v)) for c, v in sorted(cohorts.items())},
             "train_seconds_per_user": statistics.fmean(costs["train_s"]) if costs["train_s"] else 0.0,
@@ -104,6 +105,7 @@ def write_results(
     device_s = timings.get("device_phase_s", 0.0)
     answered = sum(r.metrics is not None for r in replies.values())
     results = {
+        "answered": f"{answered} of {len(split.device_users)} devices answered",
         "task": split.task.name,
         "task_type": split.task.type,
         "users": {
