@@ -35,6 +35,13 @@ def simulate_cmd(
     plots: Annotated[
         bool, typer.Option(help="Draw the routing plots (loads the server model once more).")
     ] = True,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Exit 0 even when some devices failed (the table then covers only the devices that answered).",
+        ),
+    ] = False,
 ) -> None:
     """Run the federated PROPER pipeline and its baselines on the same users and queries."""
     from simulations.report import ordered_methods
@@ -56,7 +63,9 @@ def simulate_cmd(
         outcome = simulate("quick" if quick and config == "default" else config, overrides, show, plots)
     res = outcome.results
     metric_names = sorted({k for m in res["methods"].values() for k in m["metrics"]})
-    table = Table(title=f"{res['task']}: {res['users']['devices_answered']} device users")
+    users = res["users"]
+    answered = res.get("answered") or f"{users['devices_answered']} of {users['devices']} devices answered"
+    table = Table(title=f"{res['task']}: {answered}")
     table.add_column("method")
     for k in metric_names:
         table.add_column(k, justify="right")
@@ -65,10 +74,14 @@ def simulate_cmd(
             name, *(f"{res['methods'][name]['metrics'].get(k, float('nan')):.3f}" for k in metric_names)
         )
     console.print(table)
-    if res.get("failed"):
-        console.print(f"[red]{len(res['failed'])} device(s) failed; see {outcome.report}")
-        for node, why in list(res["failed"].items())[:5]:
-            console.print(f"[red]  node {node}: {why}")
-    if not res["users"]["devices_answered"]:
-        raise typer.Exit(1)
     console.print(f"results: {outcome.out / 'results.json'}\nreport:  {outcome.report}")
+    missing = users["devices"] - users["devices_answered"]
+    if missing:
+        console.print(f"[red]{answered}: the table covers only those ({missing} missing)")
+        for node, why in res.get("failed", {}).items():
+            console.print(f"[red]  node {node}: {why}")
+        if not users["devices_answered"] or not allow_partial:
+            console.print(
+                "[red]error: not every device answered; rerun, or pass --allow-partial to accept it"
+            )
+            raise typer.Exit(1)

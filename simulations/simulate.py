@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simulations import plots
+from simulations.estimate import Estimate, estimate_run
 from simulations.report import PRIMARY, write_report
-from simulations.run import merge_predictions, plan, run
+from simulations.run import SimulationPlan, merge_predictions, plan, run
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,16 @@ def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str
     return made
 
 
+def estimate(p: SimulationPlan, with_plots: bool) -> Estimate:
+    """The run's time on this machine, from a short measurement (see simulations/estimate.py)."""
+    from proper_fed.run_settings import RunSettings, load_split
+
+    settings = RunSettings.from_run_config(p.run_config)
+    cpus = float(p.federation.get("client-resources-num-cpus", 1)) or 1.0
+    parallel = int(max(1, (os.cpu_count() or 1) // cpus))
+    return estimate_run(settings, load_split(settings), parallel, with_plots)
+
+
 def simulate(
     config: str = "default",
     overrides: dict[str, Any] | None = None,
@@ -68,6 +80,7 @@ def simulate(
     p = plan(config, overrides)
     if on_line:
         on_line(f"{p.server_users} server users, {p.device_users} device users (one virtual SuperNode each)")
+        on_line(estimate(p, with_plots).describe())
     results = run(p, on_line)
     predictions = merge_predictions(p.out, results["task"])
     made = make_plots(p.out, results, p.run_config) if with_plots else {}
