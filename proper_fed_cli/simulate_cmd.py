@@ -44,7 +44,7 @@ def simulate_cmd(
     ] = False,
 ) -> None:
     """Run the federated PROPER pipeline and its baselines on the same users and queries."""
-    from simulations.report import ordered_methods
+    from simulations.report import by_protocol
     from simulations.simulate import simulate
 
     overrides = {
@@ -62,18 +62,10 @@ def simulate_cmd(
 
         outcome = simulate("quick" if quick and config == "default" else config, overrides, show, plots)
     res = outcome.results
-    metric_names = sorted({k for m in res["methods"].values() for k in m["metrics"]})
     users = res["users"]
     answered = res.get("answered") or f"{users['devices_answered']} of {users['devices']} devices answered"
-    table = Table(title=f"{res['task']}: {answered}")
-    table.add_column("method")
-    for k in metric_names:
-        table.add_column(k, justify="right")
-    for name in ordered_methods(res):
-        table.add_row(
-            name, *(f"{res['methods'][name]['metrics'].get(k, float('nan')):.3f}" for k in metric_names)
-        )
-    console.print(table)
+    for protocol, methods in by_protocol(res).items():
+        console.print(_table(f"{res['task']}: {answered}; scoring '{protocol}'", {**res, "methods": methods}))
     console.print(f"results: {outcome.out / 'results.json'}\nreport:  {outcome.report}")
     missing = users["devices"] - users["devices_answered"]
     if missing:
@@ -85,3 +77,20 @@ def simulate_cmd(
                 "[red]error: not every device answered; rerun, or pass --allow-partial to accept it"
             )
             raise typer.Exit(1)
+
+
+def _table(title: str, res: dict) -> Table:
+    from simulations.report import ordered_methods
+
+    metric_names = sorted({k for m in res["methods"].values() for k in m["metrics"]})
+    parse = any("parse_rate" in m for m in res["methods"].values())
+    table = Table(title=title)
+    table.add_column("method")
+    for k in [*metric_names, *(["parse rate"] if parse else [])]:
+        table.add_column(k, justify="right")
+    for name in ordered_methods(res):
+        m = res["methods"][name]
+        cells = [m["metrics"].get(k, float("nan")) for k in metric_names]
+        cells += [m.get("parse_rate", float("nan"))] if parse else []
+        table.add_row(name, *(f"{x:.3f}" for x in cells))
+    return table

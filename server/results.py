@@ -123,6 +123,8 @@ def write_results(
         "history_len": agg["history_len"],
         "server": {name: m.metrics for name, m in models.items()},
         "config": _jsonable(settings),
+        # what dtype="auto" resolved to on the server's machine (the simulated devices share it), and why
+        "precision": _precision(settings),
         "base_hash": base_hash,
         "timings": {**timings, "device_users_per_hour": 3600 * answered / device_s if device_s else 0.0},
         "bytes": {
@@ -134,6 +136,14 @@ def write_results(
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+
+
+def _precision(settings: RunSettings) -> dict:
+    from proper_fed.backbone import resolve_device
+    from proper_fed.precision import resolve_precision
+
+    cfg = settings.proper.backbone
+    return resolve_precision(cfg.dtype, resolve_device(cfg.device)).to_dict()
 
 
 def _jsonable(settings: RunSettings) -> dict:

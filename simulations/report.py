@@ -35,6 +35,28 @@ DESCRIBE = {
     "proper_no_constraint": "PROPER with lambda = 0 (ablation)",
 }
 PRIMARY = {"classification": ("accuracy", True), "rating": ("mae", False), "generation": ("rougeL", True)}
+PROTOCOLS = {
+    "generate": "LaMP's protocol: the greedy answer, parsed (parse rate: the share of answers naming a valid "
+    "label or number)",
+    "rank": "the label with the highest log-likelihood under the model (the standard protocol for small models)",
+}
+NO_LLM = ("majority", "user_majority")
+
+
+def protocols(results: dict) -> list[str]:
+    scoring = results.get("config", {}).get("scoring") or ["generate"]
+    return [scoring] if isinstance(scoring, str) else list(scoring)
+
+
+def by_protocol(results: dict) -> dict[str, dict]:
+    """results.json's methods per scoring protocol: the first protocol's are '<method>', every other's
+    '<method>@<protocol>'; the baselines without an LLM belong to every protocol's table."""
+    methods, names = results["methods"], protocols(results)
+    out = {names[0]: {k: v for k, v in methods.items() if "@" not in k}}
+    for p in names[1:]:
+        out[p] = {k: v for k, v in methods.items() if k in NO_LLM}
+        out[p].update({k.removesuffix(f"@{p}"): v for k, v in methods.items() if k.endswith(f"@{p}")})
+    return out
 
 
 def _fmt(x: float | None) -> str:
@@ -56,7 +78,14 @@ def ordered_methods(results: dict) -> list[str]:
 def table(results: dict) -> str:
     methods = results["methods"]
     metric_names = sorted({k for m in methods.values() for k in m["metrics"]})
-    head = ["method", *metric_names, "train s / user", "trainable params / user"]
+    parse = any("parse_rate" in m for m in methods.values())
+    head = [
+        "method",
+        *metric_names,
+        *(["parse rate"] if parse else []),
+        "train s / user",
+        "trainable params / user",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ordered_methods(results):
         m = methods[name]
@@ -66,6 +95,7 @@ def table(results: dict) -> str:
                 [
                     f"`{name}`",
                     *(_fmt(m["metrics"].get(k)) for k in metric_names),
+                    *([_fmt(m.get("parse_rate"))] if parse else []),
                     f"{m['train_seconds_per_user']:.1f}",
                     f"{int(m['trainable_parameters_per_user']):,}",
                 ]
@@ -108,43 +138,82 @@ def gains(results: dict) -> list[str]:
     return lines
 
 
+def _protocol_sections(results: dict, metric: str) -> list[str]:
+    lines: list[str] = []
+    for protocol, methods in by_protocol(results).items():
+        sub = {**results, "methods": methods}
+        lines += [
+            f"## Methods, same users, same queries: scoring `{protocol}`",
+            "",
+            f"Scoring `{protocol}`: {PROTOCOLS.get(protocol, protocol)}.",
+            "",
+            table(sub),
+            "",
+            "Relative gains:",
+            "",
+            *gains(sub),
+            "",
+            f"{metric} by history length (device users in quartiles of history size):",
+            "",
+            cohort_table(sub, metric),
+            "",
+        ]
+    return lines
+
+
+def _missing(results: dict) -> list[str]:
+    """Which devices the tables lack, and why (the device's fixed error code and message)."""
+    failed = results.get("failed") or {}
+    users = results.get("failed_users") or {}
+    if not failed:
+        return []
+    return [
+        "## Missing devices",
+        "",
+        f"{results['answered']}: every table above covers only the devices that answered.",
+        "",
+        *(f"- node {k}{f' (user {users[k]})' if k in users else ''}: {v}" for k, v in failed.items()),
+        "",
+    ]
+
+
 def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
     metric, _ = PRIMARY[results.get("task_type", "classification")]
     t, b = results["timings"], results["bytes"]
     per_dev = b["per_device"]
     sent = sum(p["sent"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
     recv = sum(p["received"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
+    users = results["users"]
+    answered = (
+        results.get("answered") or f"{users['devices_answered']} of {users['devices']} devices answered"
+    )
+    prec = results.get("precision") or {}
     lines = [
         f"# proper-fed simulation: {results['task']}",
         "",
-        f"{results['users']['server']} server users (stages 1-2), {results['users']['devices']} device users "
-        f"(stage 3 on their own history, scored on their own held-out queries); "
-        f"{results['users']['devices_answered']} devices answered.",
-        "",
-        "## Methods, same users, same queries",
-        "",
-        table(results),
+        f"**{answered}.** {users['server']} server users (stages 1-2), {users['devices']} device users "
+        f"(stage 3 on their own history, scored on their own held-out queries).",
         "",
         *(f"- `{k}`: {v}" for k, v in DESCRIBE.items() if k in results["methods"]),
         "",
-        "## Relative gains",
-        "",
-        *gains(results),
-        "",
-        f"## {metric} by history length (device users in quartiles of history size)",
-        "",
-        cohort_table(results, metric),
-        "",
+        *_missing(results),
+        *_protocol_sections(results, metric),
         "## Cost",
         "",
         f"- server stages: {t['server_stages_s']:.0f} s; device phase: {t['device_phase_s']:.0f} s "
         f"({t['device_users_per_hour']:.0f} device users per hour on this machine); whole simulation: "
         f"{t.get('simulation_wall_s', t['total_s']):.0f} s",
         f"- bytes per device: {sent / 1e6:.2f} MB sent to it, {recv / 1e3:.1f} kB received from it (metrics only)",
+        *(
+            [
+                f"- precision: {prec.get('dtype')} (requested {prec.get('requested')!r}) on {prec.get('hardware')}, "
+                f"CPU/GPU flags: {', '.join(prec.get('flags') or []) or 'none'}"
+            ]
+            if prec
+            else []
+        ),
         "",
     ]
-    if results.get("failed"):
-        lines += ["## Failed devices", "", *(f"- node {k}: {v}" for k, v in results["failed"].items()), ""]
     if plots:
         lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))

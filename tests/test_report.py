@@ -2,7 +2,7 @@
 
 import pytest
 
-from simulations.report import gains, relative_gain
+from simulations.report import by_protocol, gains, relative_gain, write_report
 
 
 def test_relative_gain_for_higher_and_lower_is_better():
@@ -25,3 +25,50 @@ def test_gains_lists_each_stage_transition_that_was_run():
     assert any("stage 1 -> 2" in x and "+10.0 %" in x for x in lines)
     assert any("stage 2 -> 3" in x and "+5.0 %" in x for x in lines)
     assert not any("end-to-end" in x for x in lines)
+
+
+def _method(acc: float, parse: float = 1.0) -> dict:
+    return {
+        "metrics": {"accuracy": acc, "f1": acc / 2},
+        "parse_rate": parse,
+        "cohorts": {},
+        "train_seconds_per_user": 1.0,
+        "trainable_parameters_per_user": 10,
+    }
+
+
+def _results(**extra) -> dict:
+    return {
+        "task": "LaMP_2M",
+        "task_type": "classification",
+        "answered": "2 of 3 devices answered",
+        "users": {"server": 4, "devices": 3, "devices_answered": 2},
+        "config": {"scoring": ["generate", "rank"]},
+        "methods": {
+            "majority": _method(0.2),
+            "proper": _method(0.5, parse=0.75),
+            "oppu": _method(0.4),
+            "proper@rank": _method(0.6),
+            "oppu@rank": _method(0.45),
+        },
+        "timings": {"server_stages_s": 1, "device_phase_s": 1, "total_s": 2, "device_users_per_hour": 1},
+        "bytes": {"per_device": {}},
+        **extra,
+    }
+
+
+def test_each_protocol_gets_its_own_table_and_the_no_llm_baselines_join_both():
+    tables = by_protocol(_results())
+    assert set(tables) == {"generate", "rank"}
+    assert set(tables["generate"]) == {"majority", "proper", "oppu"}
+    assert set(tables["rank"]) == {"majority", "proper", "oppu"}
+    assert tables["rank"]["proper"]["metrics"]["accuracy"] == 0.6
+
+
+def test_report_names_the_protocol_of_every_table_the_parse_rate_and_the_missing_devices(tmp_path):
+    res = _results(failed={"7": "device error 422: the device's data does not fit the task"})
+    text = write_report(tmp_path, res, {}).read_text()
+    assert "2 of 3 devices answered" in text.splitlines()[2]  # the answered count leads the report
+    assert "scoring `generate`" in text and "scoring `rank`" in text
+    assert "parse rate" in text and "0.750" in text
+    assert "## Missing devices" in text and "node 7" in text and "error 422" in text
