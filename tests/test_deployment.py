@@ -226,37 +226,54 @@ def test_bytes_are_accounted_per_device(fed):
         assert phases["query_base"]["received"] == recorded[(node, "query.base")]
 
 
+def run_schema(fed):
+    """The reply schema of the test's run, from public facts only: its methods and the task's label set."""
+    from proper_fed.data.task_spec import load_task_spec
+    from proper_fed.reply_schema import run_reply_schema
+    from proper_fed.run_settings import RunSettings
+
+    methods = next(a.split("=", 1)[1] for a in RUN_ARGS if a.startswith("methods=")).split(",")
+    task = load_task_spec(fed.root / "data" / "all" / "task.toml")
+    return task, run_reply_schema(RunSettings(methods=tuple(methods)), task)
+
+
 @pytest.mark.slow
 def test_only_metrics_and_no_user_text_reached_the_server(fed):
     from flwr.app import MetricRecord
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    from client.privacy_guard import METRIC_NAME
+    from proper_fed.errors import ERROR_TABLE
 
     # Devices, and the SuperLink itself (node 1) answering "Node Unavailable" for the killed one.
     senders = {r["node"] for r in fed.replies1}
     assert {fed.nodes["A"], fed.nodes["B"]} <= senders <= {*fed.nodes.values(), 1}
     secrets = {name: user_texts(u) for name, u in fed.users.items()}
-    schema = {}
+    task, schema = run_schema(fed)
+    sent_keys = {}
     for reply in fed.replies1:
         raw = base64.b64decode(reply["content"])
         assert set(reply["records"].values()) <= {"MetricRecord"}, reply["records"]
+        if reply["error"] is not None and reply["node"] != 1:
+            assert reply["error"] in ERROR_TABLE.values(), "a device error that is not a fixed message"
         content = recorddict_from_proto(ProtoRecordDict.FromString(raw))
         for record in content.values():
             assert isinstance(record, MetricRecord)
-            for key, value in record.items():
-                assert METRIC_NAME.match(key) and isinstance(value, int | float), key
         for texts in secrets.values():
             for text in texts:
                 assert text.encode() not in raw, f"a device user's text reached the server: {text[:40]!r}"
                 assert text not in (reply["error"] or "")
+        if reply["type"] == "query.base" and raw:
+            assert set(content) == {"base"} and set(content["base"]) == {"has-base"}
         if reply["type"] == "train.user" and raw:
-            # Beyond per-label counts (label names are the task's public label set), every device reports the
-            # same statistic names: nothing user-specific is encoded in the schema.
-            keys = {k for k in content["metrics"] if not re.search(r"\.(tp|fp|fn)\.", k)}
-            schema[reply["node"]] = keys
-    assert len(schema) == 2 and len({frozenset(k) for k in schema.values()}) == 1
+            metrics = dict(content["metrics"])
+            assert schema.violation(metrics) is None, schema.violation(metrics)
+            # Per-label statistics are keyed by the label's index: no label name is part of any key.
+            assert not [k for k in metrics for label in task.labels if label in k]
+            # Beyond the per-label counts (sent for the labels that occurred), every device reports the same
+            # statistic names: nothing user-specific is encoded in which keys are sent.
+            sent_keys[reply["node"]] = {k for k in metrics if not re.search(r"\.(tp|fp|fn)\.\d+$", k)}
+    assert len(sent_keys) == 2 and len({frozenset(k) for k in sent_keys.values()}) == 1
 
 
 @pytest.mark.slow
