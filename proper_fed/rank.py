@@ -11,32 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from proper_fed.batching import IGNORE, Encoded, collate, prompt_ids, target_ids
+from proper_fed.batching import prompt_ids, target_ids
 from proper_fed.proper_model import ProperModel
-
-
-def candidate_batch(
-    model: ProperModel, prompt: str, user_id: str, labels: Sequence[str], max_prompt_tokens: int
-):
-    """One right-padded batch (L, T): the prompt followed by each label, loss labels on the label tokens only.
-
-    The prompt is cut from the left to `max_prompt_tokens` (as `generate` does), the same cut for every label,
-    so candidates differ only in their continuation."""
-    prompt = prompt_ids(model.backbone, prompt)[-max_prompt_tokens:]
-    items = [
-        Encoded(user_id, prompt + target, [IGNORE] * len(prompt) + target)
-        for target in (target_ids(model.backbone, label) for label in labels)
-    ]
-    return collate(items, model.backbone.tokenizer.pad_token_id, model.backbone.device)
-
-
-def continuation_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over the target tokens of log p(token | everything before it). logits (L, T, V), labels (L, T) -> (L,)."""
-    logp = logits[:, :-1].float().log_softmax(-1)  # (L, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:]  # (L, T-1)
-    scored = targets != IGNORE  # (L, T-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (L, T-1)
-    return (picked * scored).sum(-1)  # (L,)
 
 
 @torch.no_grad()
@@ -44,15 +20,48 @@ def label_log_likelihoods(
     model: ProperModel, prompt: str, user_id: str, labels: Sequence[str], max_prompt_tokens: int = 512
 ) -> torch.Tensor:
     """log p(label tokens + eos | prompt) of each label, summed over its tokens (not length-normalised: a
-    sum is the probability of the whole answer, which is what greedy decoding approximates). One batched
-    forward over the label set, under the model's current serving mode (the user's row picks its embedding
-    when the user-aware router is on). Returns (L,) on the CPU."""
-    batch = candidate_batch(model, prompt, user_id, labels, max_prompt_tokens)
-    rows = model.user_rows([user_id] * len(labels))  # (L,)
+    sum is the probability of the whole answer, which is what greedy decoding approximates).
+
+    The prompt runs once and its key/value cache is shared by every label: then all labels' tokens run as
+    one batch (L, W) after it, and logits are computed only where a label token is predicted. The result
+    equals one forward of each prompt + label (tested against that); the routers act per token, so a
+    cached prefix routes as it would inside the full sequence. Runs under the model's current serving mode
+    (the user's row picks its embedding when the user-aware router is on). Returns (L,) on the CPU."""
+    backbone = model.backbone
+    prefix = prompt_ids(backbone, prompt)[-max_prompt_tokens:]
+    targets = [target_ids(backbone, label) for label in labels]
+    n, width, dev = len(labels), max(len(t) for t in targets), backbone.device
+    ids = torch.tensor([prefix], device=dev)  # (1, P)
     try:
-        # ProperModel.forward runs under backbone.autocast(), as training and generate do
-        out = model(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
-        return continuation_log_likelihoods(out.logits, batch["labels"]).cpu()
+        out = model(
+            ids, torch.ones_like(ids), user_rows=model.user_rows([user_id]), use_cache=True, logits_to_keep=1
+        )
+        first = out.logits[0, -1].float().log_softmax(-1)  # (V,): predicts every label's first token
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)  # (1, ...) -> (L, ...): the prompt's keys/values for every label
+        cont = torch.full((n, width), backbone.tokenizer.pad_token_id, dtype=torch.long)  # (L, W)
+        mask = torch.zeros((n, len(prefix) + width), dtype=torch.long)  # (L, P + W)
+        mask[:, : len(prefix)] = 1
+        for i, t in enumerate(targets):
+            cont[i, : len(t)] = torch.tensor(t)
+            mask[i, len(prefix) : len(prefix) + len(t)] = 1
+        scores = torch.stack([first[t[0]] for t in targets])  # (L,)
+        if width > 1:
+            out = model(
+                cont[:, :-1].to(dev),  # the last label token predicts nothing that is scored
+                mask[:, :-1].to(dev),
+                user_rows=model.user_rows([user_id] * n),
+                past_key_values=cache,
+                use_cache=False,
+            )
+            logp = out.logits.float().log_softmax(-1)  # (L, W-1, V): position j predicts token j+1
+            nxt = cont[:, 1:].to(dev)  # (L, W-1)
+            scored = torch.zeros_like(nxt, dtype=torch.bool)
+            for i, t in enumerate(targets):
+                scored[i, : len(t) - 1] = True
+            picked = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)  # (L, W-1)
+            scores = scores + (picked * scored).sum(-1)
+        return scores.cpu()
     finally:
         model.ctx.user_emb = None
 

@@ -86,3 +86,21 @@ def test_scoring_names_and_validation():
     with pytest.raises(ConfigError, match="rank.*generation"):
         check_protocols(gen, ("generate", "rank"))
     check_protocols(gen, ("generate",))
+
+
+def test_the_shared_prompt_cache_equals_full_forwards_with_the_lora_aware_router(tiny_backbone):
+    """Stage 3's router mixes experts per token from the user LoRA's hidden state: a prompt scored once and
+    shared by every label must route exactly as inside each full prompt + label sequence."""
+    model = fresh_model(tiny_backbone)
+    try:
+        examples = planted_groups(n_users=2, per_user=4)
+        cfg = TrainConfig(epochs=1, lr=5e-2, batch_size=8, max_length=32, unknown_user_prob=0.0)
+        stages.train_population(model, examples, cfg)
+        stages.train_group(model, examples, cfg)
+        stages.train_user(model, examples[:4], cfg, expert_mix="lora_router")
+        stages.serving_mode(model, "user", expert_mix="lora_router")
+        batched = label_log_likelihoods(model, "item about cat", "me", LABELS)
+        brute = torch.tensor([_brute_force(model, "item about cat", "me", lab) for lab in LABELS])
+        assert torch.allclose(batched, brute, atol=1e-4), (batched, brute)
+    finally:
+        model.remove()
