@@ -49,6 +49,8 @@ class RunSettings:
     custom task spec (.toml), "" = detect. `methods` run on every device, `variants` are server ablations.
     `device_outputs`: simulation only, a folder where each virtual device keeps its raw predictions.
     `server_threads`: CPU threads of the server stages, 0 = every core of the machine.
+    `server_devices`: processes that train the server stages data-parallel (DDP), one GPU each on CUDA; on
+    CPU they share `threads` out.
     `scoring`: scoring protocols, each applied to every method ("generate": greedy answer, parsed, as LaMP;
     "rank": the label with the highest log-likelihood, classification and rating tasks only); the first is
     reported as `<method>`, the others as `<method>@<protocol>`."""
@@ -72,6 +74,7 @@ class RunSettings:
     reply_timeout_s: float = 3600.0
     device_outputs: str = ""
     server_threads: int = 0
+    server_devices: int = 1
     proper: ProperConfig = field(default_factory=ProperConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -92,6 +95,12 @@ class RunSettings:
             0 < self.server_fraction < 1, "server-fraction", self.server_fraction, "use a fraction in (0, 1)"
         )
         _need(self.server_threads >= 0, "server-threads", self.server_threads, "use 0 (all cores) or a count")
+        _need(
+            isinstance(self.server_devices, int) and self.server_devices >= 1,
+            "server-devices",
+            self.server_devices,
+            "use 1 (one process) or the number of local GPUs (or CPU processes) for DDP",
+        )
         _need(
             self.device_quantization in ("nf4", "none"),
             "device-quantization",

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from proper_fed.config import TrainConfig
+from proper_fed.distributed import Ranks, constraint_loss_across_ranks
 from proper_fed.example import Example
 from proper_fed.proper_model import ProperModel
 from proper_fed.routing import constraint_loss
-from proper_fed.trainer import Checkpointer, StageResult, run_stage, unknown_user_dropout
+from proper_fed.trainer import Checkpointer, ExtraLoss, Shard, StageResult, run_stage, unknown_user_dropout
 
 # How the device-side stage mixes the frozen experts: PROPER's LoRA-aware router, the ablation's uniform mix,
 # or no experts at all (OPPU: population + a per-user LoRA).
@@ -27,16 +28,26 @@ def train_population(
     examples: Sequence[Example],
     cfg: TrainConfig,
     checkpointer: Checkpointer | None = None,
+    ranks: Ranks | None = None,
 ) -> StageResult:
-    """Stage 1: one LoRA on all users' data; afterwards frozen."""
+    """Stage 1: one LoRA on all users' data; afterwards frozen. With `ranks`: data-parallel, call on every rank."""
     model.set_mode(population=True)
     trainable = model.set_trainable(["population"])
-    return run_stage(model, examples, cfg, "population", trainable, checkpointer=checkpointer)
+    return run_stage(model, examples, cfg, "population", trainable, checkpointer=checkpointer, ranks=ranks)
 
 
-def _constraint(weight: float):
-    def extra(model: ProperModel, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-        return weight * constraint_loss(model.ctx.gates, batch["attention_mask"], rows)
+def _constraint(weight: float, ranks: Ranks | None) -> ExtraLoss | None:
+    """The constraint loss of the global batch. Across ranks it needs every shard's routing sums (it compares
+    users of the whole batch): `constraint_loss_across_ranks` all-reduces them, so N ranks train the loss of
+    the same batches as one process, not N smaller per-shard losses."""
+
+    def extra(model: ProperModel, shard: Shard) -> torch.Tensor:
+        mask = shard.batch["attention_mask"]
+        if ranks is None:
+            return weight * constraint_loss(model.ctx.gates, mask, shard.rows)
+        return weight * constraint_loss_across_ranks(
+            model.ctx.gates, mask, shard.rows, shard.batch_rows, ranks
+        )
 
     return extra if weight > 0 else None
 
@@ -48,6 +59,7 @@ def _group_like(
     scopes: list[str],
     stage: str,
     checkpointer: Checkpointer | None,
+    ranks: Ranks | None,
 ) -> StageResult:
     model.set_users(ex.user_id for ex in examples)
     model.set_mode(population=True, experts="user_router")
@@ -60,8 +72,9 @@ def _group_like(
         stage,
         trainable,
         user_rows_fn=unknown_user_dropout(model, cfg.unknown_user_prob, cfg.seed),
-        extra_loss=_constraint(cfg.constraint_weight),
+        extra_loss=_constraint(cfg.constraint_weight, ranks),
         checkpointer=checkpointer,
+        ranks=ranks,
     )
 
 
@@ -70,10 +83,12 @@ def train_group(
     examples: Sequence[Example],
     cfg: TrainConfig,
     checkpointer: Checkpointer | None = None,
+    ranks: Ranks | None = None,
 ) -> StageResult:
     """Stage 2: k expert LoRAs, the user-aware router and the user embeddings, with the constraint loss;
-    the population adapter stays frozen. The users of `examples` get rows in the user table."""
-    return _group_like(model, examples, cfg, ["group"], "group", checkpointer)
+    the population adapter stays frozen. The users of `examples` get rows in the user table. With `ranks`:
+    data-parallel, call on every rank."""
+    return _group_like(model, examples, cfg, ["group"], "group", checkpointer, ranks)
 
 
 def train_end_to_end(
@@ -81,10 +96,11 @@ def train_end_to_end(
     examples: Sequence[Example],
     cfg: TrainConfig,
     checkpointer: Checkpointer | None = None,
+    ranks: Ranks | None = None,
 ) -> StageResult:
     """Ablation: the population LoRA, experts, router and user embeddings trained jointly from scratch
     (what stages 1 and 2 learn progressively). Give it the epochs of both stages for a fair comparison."""
-    return _group_like(model, examples, cfg, ["population", "group"], "end_to_end", checkpointer)
+    return _group_like(model, examples, cfg, ["population", "group"], "end_to_end", checkpointer, ranks)
 
 
 def train_user(

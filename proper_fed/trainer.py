@@ -1,5 +1,6 @@
 """The one optimisation loop every stage uses: AdamW on the stage's parameters, a progress bar, a checkpoint
-after each epoch and resume from the last one."""
+after each epoch and resume from the last one; in one process, or data-parallel over several (`Ranks`), where
+each process trains its shard of the same global batch and the result is the same."""
 
 from __future__ import annotations
 
@@ -16,16 +17,31 @@ import torch
 from tqdm.auto import tqdm
 
 from proper_fed.atomic import atomic_write_bytes
-from proper_fed.batching import collate, encode_all, target_loss
+from proper_fed.batching import IGNORE, Encoded, collate, encode_all, target_loss
 from proper_fed.config import TrainConfig
+from proper_fed.distributed import Ranks
 from proper_fed.errors import CheckpointError
 from proper_fed.example import Example
 from proper_fed.proper_model import UNKNOWN_USER, ProperModel
 
 log = logging.getLogger(__name__)
 
-# extra_loss(model, batch, user_rows) -> scalar added to the cross-entropy (the group constraint loss)
-ExtraLoss = Callable[[ProperModel, dict, torch.Tensor], torch.Tensor]
+
+@dataclass
+class Shard:
+    """The part of one global batch this process trains on (all of it in a single process).
+
+    batch: the collated rows (b, T); rows: their user-table rows (b,); batch_rows: the user-table rows of the
+    whole global batch (B,), identical on every rank; `rows` and `batch_rows` are None outside the group stage.
+    """
+
+    batch: dict[str, torch.Tensor]
+    rows: torch.Tensor | None
+    batch_rows: torch.Tensor | None
+
+
+# extra_loss(model, shard) -> scalar added to the cross-entropy (the group constraint loss)
+ExtraLoss = Callable[[ProperModel, Shard], torch.Tensor]
 
 
 class Checkpointer(Protocol):
@@ -72,7 +88,10 @@ def run_stage(
     user_rows_fn: Callable[[list[str], int], torch.Tensor] | None = None,
     extra_loss: ExtraLoss | None = None,
     checkpointer: Checkpointer | None = None,
+    ranks: Ranks | None = None,
 ) -> StageResult:
+    """Train `trainable` on `examples`; `cfg.batch_size` is the global batch. With `ranks`, this process
+    trains its shard of every global batch under DDP (call it on every rank); rank 0 checkpoints."""
     if not examples:
         raise ValueError(f"{stage} stage got no training examples")
     torch.manual_seed(cfg.seed)
@@ -81,6 +100,8 @@ def run_stage(
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = StageResult(stage, trainable_parameters=sum(p.numel() for p in trainable))
     start = _resume(checkpointer, trainable, opt, result, stage)
+    main = ranks is None or ranks.is_main
+    forward = ranks.wrap(model) if ranks is not None else model
     lm = backbone.model
     if cfg.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -97,39 +118,38 @@ def run_stage(
                 tqdm(
                     range(n_batches),
                     desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
-                    disable=not cfg.progress,
+                    disable=not (cfg.progress and main),
                     leave=False,
                 ),
             )
             for step in bar:
                 items = [encoded[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                batch = collate(items, backbone.tokenizer.pad_token_id, backbone.device)
-                rows = (
+                # rows of the whole global batch, on every rank: the unknown-user dropout draws as in one process
+                batch_rows = (
                     user_rows_fn([it.user_id for it in items], epoch * n_batches + step)
                     if user_rows_fn
                     else None
                 )
-                out = model(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
-                loss = target_loss(out.logits, batch["labels"])
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model, batch, rows)
+                loss = _step_loss(model, forward, items, batch_rows, extra_loss, ranks)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                total += loss.item()
+                value = loss.item() if ranks is None else ranks.all_sum(loss).item() / ranks.world
+                total += value
                 result.steps += 1
-                result.tokens += int(batch["attention_mask"].sum())
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                result.tokens += sum(len(it.input_ids) for it in items)
+                bar.set_postfix(loss=f"{value:.3f}")
             result.epoch_losses.append(total / n_batches)
-            log.info(
-                "%s epoch %d/%d loss %.4f (%.0f s)",
-                stage,
-                epoch + 1,
-                cfg.epochs,
-                result.epoch_losses[-1],
-                time.perf_counter() - t0,
-            )
-            if checkpointer is not None:
+            if main:
+                log.info(
+                    "%s epoch %d/%d loss %.4f (%.0f s)",
+                    stage,
+                    epoch + 1,
+                    cfg.epochs,
+                    result.epoch_losses[-1],
+                    time.perf_counter() - t0,
+                )
+            if checkpointer is not None and main:
                 checkpointer.save(_checkpoint_bytes(trainable, opt, epoch + 1, result.epoch_losses))
     finally:
         if cfg.grad_checkpointing:
@@ -137,10 +157,45 @@ def run_stage(
             lm.eval()
         model.ctx.record = False
         model.ctx.gates = []
+        del forward  # drops DDP's hooks: the next stage wraps its own scope
     result.seconds = time.perf_counter() - t0
     for p in trainable:
         p.requires_grad_(False)  # each stage is frozen before the next starts
     return result
+
+
+def _target_tokens(items: Sequence[Encoded]) -> int:
+    """Target tokens the loss counts (labels shifted by one, as `target_loss`)."""
+    return sum(label != IGNORE for it in items for label in it.labels[1:])
+
+
+def _step_loss(
+    model: ProperModel,
+    forward: torch.nn.Module,
+    items: list[Encoded],
+    batch_rows: torch.Tensor | None,
+    extra_loss: ExtraLoss | None,
+    ranks: Ranks | None,
+) -> torch.Tensor:
+    """This process's loss for one global batch. Under DDP, the cross-entropy of the shard is weighted by its
+    share of the global batch's target tokens times `world`, so that DDP's gradient average is the gradient
+    of the global batch's token-mean loss, as in one process."""
+    local = list(range(len(items))) if ranks is None else ranks.shard(len(items))
+    # A rank whose shard is empty (last batch smaller than world) still runs a forward and backward on one
+    # row with weight 0: every rank must take part in the gradient all-reduce.
+    shard_items = [items[i] for i in local] or items[:1]
+    batch = collate(shard_items, model.backbone.tokenizer.pad_token_id, model.backbone.device)
+    rows = None
+    if batch_rows is not None:
+        rows = batch_rows[local] if local else torch.full_like(batch_rows[:1], UNKNOWN_USER)
+    out = forward(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
+    loss = target_loss(out.logits, batch["labels"])
+    if ranks is not None:
+        share = _target_tokens([items[i] for i in local]) / _target_tokens(items)
+        loss = loss * (share * ranks.world)
+    if extra_loss is not None:
+        loss = loss + extra_loss(model, Shard(batch, rows, batch_rows))
+    return loss
 
 
 def _checkpoint_bytes(

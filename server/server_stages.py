@@ -12,6 +12,7 @@ from pathlib import Path
 from proper_fed import stages
 from proper_fed.backbone import Backbone
 from proper_fed.config import ProperConfig
+from proper_fed.distributed import Ranks
 from proper_fed.errors import CheckpointError
 from proper_fed.example import Example
 from proper_fed.proper_model import ProperModel
@@ -50,6 +51,17 @@ def _stage_done(folder: Path, scope: str) -> bool:
     return (folder / f"{scope}.safetensors").exists() and (folder / f"{scope}.json").exists()
 
 
+def _save_scope(model: ProperModel, scope: str, folder: Path, ranks: Ranks | None) -> None:
+    """Rank 0 writes the scope; the barriers keep every rank's `_stage_done` checks on the same side of it."""
+    if ranks is None:
+        model.save_scope(scope, folder)
+        return
+    ranks.barrier()
+    if ranks.is_main:
+        model.save_scope(scope, folder)
+    ranks.barrier()
+
+
 def train_server_model(
     backbone: Backbone,
     examples: list[Example],
@@ -58,8 +70,10 @@ def train_server_model(
     name: str = "proper",
     end_to_end: bool = False,
     population_from: Path | None = None,
+    ranks: Ranks | None = None,
 ) -> ServerModel:
-    """Train (or resume) one variant's server stages in `folder`; a finished stage is loaded, not retrained."""
+    """Train (or resume) one variant's server stages in `folder`; a finished stage is loaded, not retrained.
+    With `ranks`, every rank calls this and trains its shard of each batch; rank 0 writes the files."""
     folder.mkdir(parents=True, exist_ok=True)
     model = ProperModel(backbone, cfg.adapters, seed=cfg.population.seed)
     metrics: dict[str, float] = {}
@@ -70,33 +84,30 @@ def train_server_model(
                 model.load_scope("group", folder)
             else:
                 r = stages.train_end_to_end(
-                    model, examples, cfg.group, FolderCheckpointer(folder, "end_to_end")
+                    model, examples, cfg.group, FolderCheckpointer(folder, "end_to_end"), ranks
                 )
                 metrics.update(_stage_metrics("end_to_end", r))
-                model.save_scope("population", folder)
-                model.save_scope("group", folder)
+                _save_scope(model, "population", folder, ranks)
+                _save_scope(model, "group", folder, ranks)
         else:
             pop_folder = population_from or folder
             if _stage_done(pop_folder, "population"):
                 model.load_scope("population", pop_folder)
                 if pop_folder != folder:  # each variant folder holds its whole server model
-                    model.save_scope("population", folder)
+                    _save_scope(model, "population", folder, ranks)
             else:
                 r = stages.train_population(
-                    model, examples, cfg.population, FolderCheckpointer(folder, "population")
+                    model, examples, cfg.population, FolderCheckpointer(folder, "population"), ranks
                 )
                 metrics.update(_stage_metrics("population", r))
-                model.save_scope("population", folder)
+                _save_scope(model, "population", folder, ranks)
             if _stage_done(folder, "group"):
                 model.load_scope("group", folder)
             else:
-                r = stages.train_group(model, examples, cfg.group, FolderCheckpointer(folder, "group"))
+                r = stages.train_group(model, examples, cfg.group, FolderCheckpointer(folder, "group"), ranks)
                 metrics.update(_stage_metrics("group", r))
-                model.save_scope("group", folder)
-        metrics_file = folder / "metrics.json"
-        saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        saved.update(metrics)
-        metrics_file.write_text(json.dumps(saved, indent=2))
+                _save_scope(model, "group", folder, ranks)
+        saved = _record_metrics(folder, metrics) if ranks is None or ranks.is_main else metrics
         return ServerModel(
             name,
             model.scope_meta("group")["adapters"],
@@ -111,6 +122,15 @@ def train_server_model(
         model.remove()
 
 
+def _record_metrics(folder: Path, metrics: dict[str, float]) -> dict[str, float]:
+    """Merge this run's stage metrics into `<folder>/metrics.json` (kept from earlier, resumed runs)."""
+    metrics_file = folder / "metrics.json"
+    saved = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    saved.update(metrics)
+    metrics_file.write_text(json.dumps(saved, indent=2))
+    return saved
+
+
 def _stage_metrics(stage: str, r) -> dict[str, float]:
     return {
         f"{stage}.final_loss": r.epoch_losses[-1] if r.epoch_losses else float("nan"),
@@ -121,10 +141,16 @@ def _stage_metrics(stage: str, r) -> dict[str, float]:
 
 
 def train_all(
-    backbone: Backbone, examples: list[Example], cfg: ProperConfig, state: Path, variants: tuple[str, ...]
+    backbone: Backbone,
+    examples: list[Example],
+    cfg: ProperConfig,
+    state: Path,
+    variants: tuple[str, ...],
+    ranks: Ranks | None = None,
 ) -> dict[str, ServerModel]:
-    """PROPER's server stages and every requested ablation; variants reuse PROPER's population stage."""
-    out = {"proper": train_server_model(backbone, examples, cfg, state / "proper")}
+    """PROPER's server stages and every requested ablation; variants reuse PROPER's population stage.
+    With `ranks`: data-parallel, every rank calls this; rank 0's return value is the result."""
+    out = {"proper": train_server_model(backbone, examples, cfg, state / "proper", ranks=ranks)}
     for variant in variants:
         vcfg, e2e = variant_config(cfg, variant)
         if vcfg == cfg and not e2e:
@@ -139,5 +165,6 @@ def train_all(
             variant,
             e2e,
             population_from=None if e2e else state / "proper",
+            ranks=ranks,
         )
     return out

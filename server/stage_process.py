@@ -1,7 +1,9 @@
 """The server stages in a process of their own. Flower runs a ServerApp's main in a worker thread beside its
 own busy threads (in simulation, inside the Ray driver); trained there, the stages ran at about half the
 speed of a plain process on a 2-core machine. A spawned child trains them with every core (resuming from the
-state folder as after a crash) and hands the finished server models back."""
+state folder as after a crash) and hands the finished server models back. With `server-devices = N > 1` that
+child launches N data-parallel processes (DDP: one GPU each, or CPU with the cores shared out) and hands
+back rank 0's models."""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from proper_fed.distributed import Ranks, launch
 from proper_fed.errors import ProperFedError
+from proper_fed.run_settings import RunSettings
 from server.server_stages import ServerModel, train_all
 
 
 def train_server_stages_in_child(run_config: dict[str, Any], progress_t0: float) -> dict[str, ServerModel]:
     """Train (or resume) every server model of the run in a spawned process and return them; raise its
-    error here. Each
-    finished epoch goes to the run's progress file; the process's own output (progress bars, warnings) to
+    error here. Each finished epoch goes to the run's progress file; the process's own output (progress bars, warnings) to
     `<state-dir>/server_stages.log`."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
@@ -40,26 +43,62 @@ class _EpochsToProgress(logging.Handler):
         self.progress(f"server {record.getMessage()}")
 
 
-def _train(run_config: dict[str, Any], progress_t0: float) -> dict[str, ServerModel]:
-    import torch
-
-    from proper_fed.backbone import load_backbone
-    from proper_fed.data import server_training_examples
-    from proper_fed.run_settings import RunSettings, load_split
+def _report_epochs(settings: RunSettings, progress_t0: float) -> None:
     from server.progress import Progress
 
-    settings = RunSettings.from_run_config(run_config)
-    settings.state_path.mkdir(parents=True, exist_ok=True)
-    with open(settings.state_path / "server_stages.log", "a") as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-    for name in ("proper_fed.trainer", "server.server_stages"):
+    for name in ("proper_fed.trainer", "proper_fed.distributed", "server.server_stages"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
         logger.addHandler(_EpochsToProgress(Progress(settings.out, t0=progress_t0, append=True)))
-    torch.set_num_threads(settings.threads)
+
+
+def _train(run_config: dict[str, Any], progress_t0: float) -> dict[str, ServerModel]:
+    settings = RunSettings.from_run_config(run_config)
+    settings.state_path.mkdir(parents=True, exist_ok=True)
+    with open(settings.state_path / "server_stages.log", "a") as out:
+        os.dup2(out.fileno(), 1)  # the ranks' processes inherit these
+        os.dup2(out.fileno(), 2)
+    _report_epochs(settings, progress_t0)
+    n = settings.server_devices
+    if n == 1:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+        return _train_stages(settings, None)
+    return launch(
+        n,
+        _train_rank,
+        run_config,
+        progress_t0,
+        device=settings.proper.backbone.device,
+        threads=max(1, settings.threads // n),
+    )
+
+
+def _train_rank(
+    ranks: Ranks, run_config: dict[str, Any], progress_t0: float
+) -> dict[str, ServerModel] | None:
+    """One of `server-devices` processes (DDP): trains its shard of every batch; rank 0 reports the epochs
+    and its result is the run's."""
+    settings = RunSettings.from_run_config(run_config)
+    if ranks.is_main:
+        _report_epochs(settings, progress_t0)
+    models = _train_stages(settings, ranks)
+    return models if ranks.is_main else None
+
+
+def _train_stages(settings: RunSettings, ranks: Ranks | None) -> dict[str, ServerModel]:
+    from proper_fed.backbone import load_backbone
+    from proper_fed.data import server_training_examples
+    from proper_fed.run_settings import load_split
+
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)
     return train_all(
-        backbone, server_training_examples(split), settings.proper, settings.state_path, settings.variants
+        backbone,
+        server_training_examples(split),
+        settings.proper,
+        settings.state_path,
+        settings.variants,
+        ranks,
     )
