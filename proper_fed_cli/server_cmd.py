@@ -244,11 +244,16 @@ def run(
     set_: Sets = None,
     connection: Connection = deploy.DEFAULT_CONNECTION,
     app_dir: AppDir = None,
+    server_devices: Annotated[
+        int | None,
+        typer.Option(
+            help="Train the server stages data-parallel (DDP) on this many local GPUs (or CPU processes)."
+        ),
+    ] = None,
 ) -> None:
     """Submit the PROPER ServerApp to the running SuperLink, stream its logs, and print where results are."""
-    flat, settings = _run_config(
-        out, state_dir, config, set_, _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
-    )
+    options = _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
+    flat, settings = _run_config(out, state_dir, config, set_, {**options, "server-devices": server_devices})
     _ensure_signing_key(settings)
     raise typer.Exit(_submit(flat, settings, connection, app_dir))
 

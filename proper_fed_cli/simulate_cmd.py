@@ -29,6 +29,12 @@ def simulate_cmd(
     users: Annotated[int | None, typer.Option(help="Use at most this many users (seeded sample).")] = None,
     model: Annotated[str | None, typer.Option(help="'smollm2-135m', 'tiny' or a local model folder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (results.json, report.md, plots).")] = None,
+    server_devices: Annotated[
+        int | None,
+        typer.Option(
+            help="Train the server stages data-parallel (DDP) on this many local GPUs (or CPU processes)."
+        ),
+    ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="The tiny model on a few users: a smoke run.")
     ] = False,
@@ -53,6 +59,7 @@ def simulate_cmd(
         "max-users": users,
         "backbone.model": model,
         "out": str(out) if out else None,
+        "server-devices": server_devices,
     }
     with console.status("starting Flower simulation") as status:
 
