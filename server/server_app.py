@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from proper_fed.backbone import model_folder
 from proper_fed.base_store import base_hash, load_base_state_dict, side_files
 from proper_fed.bundle import build_bundle
-from proper_fed.data.baselines import majority_label
+from proper_fed.data.baselines import has_label_baselines, majority_label
 from proper_fed.run_settings import RunSettings, load_split
 from server.progress import Progress
 from server.results import DeviceReply, write_results
@@ -131,7 +131,7 @@ def main(grid: Grid, context: Context) -> None:
         private_key=key,
     )
     run_info: dict = {"task": split.task.name}
-    if split.task.labels:
+    if has_label_baselines(split.task):  # LaMP-1: labels, but no labelled history
         run_info["majority-label"] = majority_label(split.task, split.server_users)
 
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
