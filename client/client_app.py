@@ -16,6 +16,7 @@ from client.device import (
     device_user,
     keep_bundle,
     load_device_backbone,
+    note_partition,
     personalize_device,
     receive_bundle,
     store_for,
@@ -62,6 +63,8 @@ def train_user(msg: Message, context: Context) -> Message:
     try:
         settings = RunSettings.from_run_config(dict(context.run_config))
         node = dict(context.node_config)
+        if settings.device_outputs:
+            note_partition(settings.device_outputs, node, context.node_id)
         bundle = receive_bundle(
             _arrays(msg.content["bundle-arrays"]), dict(msg.content["bundle-config"]), settings, node
         )

@@ -22,19 +22,21 @@ from proper_fed.base_store import find_base, store_base
 from proper_fed.bundle import Bundle, bundle_from_records, save_bundle, tensor_from_numpy, verify_bundle
 from proper_fed.config import AdapterConfig, BackboneConfig
 from proper_fed.data import device_eval_examples, device_training_examples, load_dataset
+from proper_fed.data.baselines import has_label_baselines
 from proper_fed.data.task_spec import TaskSpec
 from proper_fed.data.types import User
 from proper_fed.errors import BundleError, ConfigError
 from proper_fed.metric_stats import query_stats
 from proper_fed.personalize import DEVICE_METHODS, MethodResult, Scored, personalize_user, run_method
 from proper_fed.proper_model import ProperModel
-from proper_fed.run_settings import RunSettings, load_split
+from proper_fed.run_settings import DEVICE_NODES_DIR, RunSettings, load_split
 from proper_fed.scoring import check_protocols, scored_answer, scored_name
 
 log = logging.getLogger(__name__)
 
 _BACKBONES: dict[tuple[str, str], Backbone] = {}  # one loaded base per process, reused across users
-BUNDLE_DIR = "bundle"  # <store>/bundle: the verified bundle the stored adapters were trained on
+BUNDLE_DIR = "bundle"
+NODES_DIR = "_nodes"  # <device-outputs>/_nodes/<node id>.json: a virtual device's partition (simulation only)  # <store>/bundle: the verified bundle the stored adapters were trained on
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def personalize_device(
     for method in (*settings.methods, *settings.variants):
         if DEVICE_METHODS.get(method, ("", "x"))[1] is not None:
             store.checkpointer(user.user_id, _stage_key(method, tag)).path.unlink(missing_ok=True)
-    if task.labels:
+    if has_label_baselines(task):  # not LaMP-1: labels, but no labelled history
         golds = [q.target for q in queries]
         own = [it.fields.get(task.output_field) for it in user.profile]
         own = [str(x) for x in own if x is not None]
@@ -286,6 +288,17 @@ def personalize_device(
                 stats, [scored_answer(task, label)] * len(golds), [label] * len(golds)
             )
     return numbers, predictions
+
+
+def note_partition(folder: str, node_config: Mapping[str, Any], node_id: int) -> None:
+    """Simulation only, first thing a virtual device does: which partition (device user) this node serves,
+    on the simulation's own disk, so its report can name the user of a device that fails later."""
+    from proper_fed.atomic import atomic_write_text
+
+    if "partition-id" in node_config:
+        path = Path(folder) / DEVICE_NODES_DIR / f"{node_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"partition-id": int(node_config["partition-id"])}))
 
 
 def write_local_predictions(

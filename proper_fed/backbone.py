@@ -202,7 +202,13 @@ def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
             bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=False,
         )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        # under DDP each rank has set its own current GPU: an index-less "cuda" means that one, not GPU 0
+        index = (
+            device.index
+            if device.index is not None
+            else (torch.cuda.current_device() if device.type == "cuda" else 0)
+        )
+        kwargs["device_map"] = {"": index} if device.type == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tok = AutoTokenizer.from_pretrained(folder)

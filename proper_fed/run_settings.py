@@ -22,6 +22,9 @@ from proper_fed.scoring import PROTOCOLS, check_protocols
 
 SECTIONS = ("backbone", "adapters", "population", "group", "user")
 BUILTIN_DATA = "synthetic"
+# Under `device_outputs` (simulation only): `<name>/<node id>.json` per reported method, and this folder of
+# `<node id>.json` files in which each virtual device notes its partition when it starts.
+DEVICE_NODES_DIR = "_nodes"
 
 
 def flatten_config(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

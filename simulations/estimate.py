@@ -23,10 +23,10 @@ from proper_fed.example import Example
 FACTORS = {
     "nf4": 1.35,  # a device's nf4 training step / the same step in full precision (1 thread, fp32 compute)
     "eval_per_token": 0.45,  # evaluation (forward only, generate or rank) per token / training per token
-    "fixed_s": 40.0,  # Flower + Ray start, the ServerApp's set-up, the results file
-    "device_load_s": 25.0,  # loading and quantizing the base once per simulated device worker
-    "plots_s": 30.0,  # the routing plots after the run (server model reloaded, 256 examples)
+    "fixed_s": 15.0,  # Flower + Ray start, the ServerApp's set-up, the results file
+    "nf4_load": 3.5,  # loading + quantizing the base to nf4 / loading it in full precision (per device worker)
 }
+PLOT_EXAMPLES = 256  # the routing plots run the server model over this many server examples
 MEASURED_STEPS = 2
 
 
@@ -95,9 +95,10 @@ def count_work(settings, split, lengths_of) -> Work:
         hist = lengths_of(device_training_examples(split.task, user), cfg.user.max_length)
         queries = lengths_of(device_eval_examples(split.task, user), cfg.user.max_length)
         train.append(len(trained) * cfg.user.epochs * _tokens(hist, cfg.user.batch_size))
-        # generate: the prompt once, then a few decoded tokens; rank: every candidate answer after the prompt
+        # generate: the prompt, then a few decoded tokens; rank: the prompt once, then every candidate's
+        # few tokens after its shared cache
         per_method = sum(
-            sum(queries) * (candidates if p == "rank" else 1) + len(queries) * 8 for p in protocols
+            sum(queries) + len(queries) * (3 * candidates if p == "rank" else 8) for p in protocols
         )
         evals.append(evaluated * per_method)
     return Work(epochs, train, evals)
@@ -135,7 +136,9 @@ def estimate_run(settings, split, device_parallel: int, with_plots: bool) -> Est
     from proper_fed.data import server_training_examples
     from proper_fed.proper_model import ProperModel
 
+    t0 = time.perf_counter()
     backbone = load_backbone(settings.proper.backbone)
+    load_s = time.perf_counter() - t0
     model = ProperModel(backbone, settings.proper.adapters)
     try:
 
@@ -144,6 +147,7 @@ def estimate_run(settings, split, device_parallel: int, with_plots: bool) -> Est
 
         work = count_work(settings, split, lengths_of)
         examples = server_training_examples(split)
+        plot_tokens = sum(lengths_of(examples[:PLOT_EXAMPLES], settings.proper.population.max_length))
         server_rate = measure_s_per_token(model, examples, settings.proper.population, settings.threads)
         device_rate = measure_s_per_token(model, examples, settings.proper.population, 1)
     finally:
@@ -154,8 +158,10 @@ def estimate_run(settings, split, device_parallel: int, with_plots: bool) -> Est
         for t, e in zip(work.device_train_tokens, work.device_eval_tokens, strict=True)
     )
     parallel = max(1, min(device_parallel, len(work.device_train_tokens)))
-    device_s = device_core_s / parallel + FACTORS["device_load_s"]
-    other = FACTORS["fixed_s"] + (FACTORS["plots_s"] if with_plots else 0.0)
+    quantized = settings.device_quantization == "nf4"
+    device_s = device_core_s / parallel + load_s * (FACTORS["nf4_load"] if quantized else 1.0)
+    plots_s = load_s + plot_tokens * server_rate * FACTORS["eval_per_token"]
+    other = FACTORS["fixed_s"] + (plots_s if with_plots else 0.0)
     return Estimate(
         work.server_tokens * server_rate,
         device_s,

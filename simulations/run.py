@@ -19,7 +19,7 @@ from typing import Any
 from proper_fed.atomic import atomic_write_text
 from proper_fed.backbone import cache_dir
 from proper_fed.errors import ConfigError, ProperFedError
-from proper_fed.run_settings import RunSettings, flatten_config, load_split
+from proper_fed.run_settings import DEVICE_NODES_DIR, RunSettings, flatten_config, load_split
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,9 @@ def merge_predictions(out: Path, task: str) -> dict[str, Path]:
     for kind in ("predictions", "raw"):
         shutil.rmtree(out / kind, ignore_errors=True)  # never mix in an earlier run's methods
         (out / kind).mkdir(parents=True)
-    for folder in sorted(p for p in (out / "device_outputs").glob("*") if p.is_dir()):
+    for folder in sorted(
+        p for p in (out / "device_outputs").glob("*") if p.is_dir() and p.name != DEVICE_NODES_DIR
+    ):
         rows = _answered_rows(folder, set(methods.get(folder.name, {}).get("per_user", {})))
         for kind, field in (("predictions", "output"), ("raw", "raw")):
             golds = [{"id": r["id"], "output": r[field]} for r in rows]
@@ -206,3 +208,21 @@ def merge_predictions(out: Path, task: str) -> dict[str, Path]:
             atomic_write_text(path, json.dumps({"task": task, "golds": golds}, indent=1))
         written[folder.name] = out / "predictions" / f"{folder.name}.json"
     return written
+
+
+def name_failed_users(out: Path, device_user_ids: list[str]) -> dict[str, str]:
+    """Simulation only: the user behind each failed node, from the partition each virtual device noted on the
+    simulation's disk when it started (client.device.note_partition). Written into results.json as
+    `failed_users` for the report; a device that failed before noting it stays unnamed."""
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    named = {}
+    for node in results.get("failed", {}):
+        note = out / "device_outputs" / DEVICE_NODES_DIR / f"{node}.json"
+        if note.is_file():
+            pid = int(json.loads(note.read_text())["partition-id"])
+            if 0 <= pid < len(device_user_ids):
+                named[node] = device_user_ids[pid]
+    results["failed_users"] = named
+    atomic_write_text(path, json.dumps(results, indent=2))
+    return named

@@ -12,7 +12,7 @@ from typing import Any
 from simulations import plots
 from simulations.estimate import Estimate, estimate_run
 from simulations.report import PRIMARY, write_report
-from simulations.run import SimulationPlan, merge_predictions, plan, run
+from simulations.run import SimulationPlan, merge_predictions, name_failed_users, plan, run
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ def estimate(p: SimulationPlan, with_plots: bool) -> Estimate:
     return estimate_run(settings, load_split(settings), parallel, with_plots)
 
 
+def _device_user_ids(p: SimulationPlan) -> list[str]:
+    from proper_fed.run_settings import RunSettings, load_split
+
+    return [u.user_id for u in load_split(RunSettings.from_run_config(p.run_config)).device_users]
+
+
 def simulate(
     config: str = "default",
     overrides: dict[str, Any] | None = None,
@@ -82,6 +88,8 @@ def simulate(
         on_line(f"{p.server_users} server users, {p.device_users} device users (one virtual SuperNode each)")
         on_line(estimate(p, with_plots).describe())
     results = run(p, on_line)
+    if results.get("failed"):
+        results["failed_users"] = name_failed_users(p.out, _device_user_ids(p))
     predictions = merge_predictions(p.out, results["task"])
     made = make_plots(p.out, results, p.run_config) if with_plots else {}
     report = write_report(p.out, results, made)
