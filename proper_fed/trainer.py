@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from proper_fed.atomic import atomic_write_bytes
-from proper_fed.batching import IGNORE, Encoded, collate, encode_all, target_loss
+from proper_fed.batching import IGNORE, Encoded, collate, encode_all, predicting_positions, target_loss_at
 from proper_fed.config import TrainConfig
 from proper_fed.distributed import Ranks
 from proper_fed.errors import CheckpointError
@@ -165,7 +165,7 @@ def run_stage(
 
 
 def _target_tokens(items: Sequence[Encoded]) -> int:
-    """Target tokens the loss counts (labels shifted by one, as `target_loss`)."""
+    """Target tokens the loss counts (labels shifted by one, as `target_loss_at`)."""
     return sum(label != IGNORE for it in items for label in it.labels[1:])
 
 
@@ -188,8 +188,11 @@ def _step_loss(
     rows = None
     if batch_rows is not None:
         rows = batch_rows[local] if local else torch.full_like(batch_rows[:1], UNKNOWN_USER)
-    out = forward(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
-    loss = target_loss(out.logits, batch["labels"])
+    keep = predicting_positions(batch["labels"])  # (K,): the LM head runs only where a target is predicted
+    out = forward(
+        batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False, logits_to_keep=keep
+    )
+    loss = target_loss_at(out.logits, batch["labels"], keep)
     if ranks is not None:
         share = _target_tokens([items[i] for i in local]) / _target_tokens(items)
         loss = loss * (share * ranks.world)

@@ -106,7 +106,7 @@ def count_work(settings, split, lengths_of) -> Work:
 
 def measure_s_per_token(model, examples: Sequence[Example], cfg, threads: int) -> float:
     """Seconds per training token of a few real population-stage steps at `threads` CPU threads."""
-    from proper_fed.batching import collate, encode_all, target_loss
+    from proper_fed.batching import collate, encode_all, predicting_positions, target_loss_at
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -119,8 +119,9 @@ def measure_s_per_token(model, examples: Sequence[Example], cfg, threads: int) -
         seconds = []
         for _ in range(MEASURED_STEPS + 1):  # the first step warms up
             t0 = time.perf_counter()
-            out = model(batch["input_ids"], batch["attention_mask"], use_cache=False)
-            target_loss(out.logits, batch["labels"]).backward()
+            keep = predicting_positions(batch["labels"])  # as the trainer does
+            out = model(batch["input_ids"], batch["attention_mask"], use_cache=False, logits_to_keep=keep)
+            target_loss_at(out.logits, batch["labels"], keep).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             seconds.append(time.perf_counter() - t0)
