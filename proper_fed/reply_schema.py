@@ -170,11 +170,17 @@ def _check(methods: Sequence[str], task_type: str, label_count: int, protocols: 
 
 
 def reply_schema(
-    methods: Sequence[str], task_type: str, label_count: int, protocols: Sequence[str] = ("generate",)
+    methods: Sequence[str],
+    task_type: str,
+    label_count: int,
+    protocols: Sequence[str] = ("generate",),
+    label_baselines: bool | None = None,
 ) -> ReplySchema:
     """The schema of a run: `methods` are the device methods and server variants every device runs;
     `label_count` the size of the task's public label set (0 for generation); `protocols` the run's scoring
-    protocols in order. ConfigError for names that would make keys ambiguous or an unknown protocol."""
+    protocols in order; `label_baselines` whether devices report majority / user_majority (tasks with
+    labelled history; None: every classification or rating task). ConfigError for names that would make keys
+    ambiguous or an unknown protocol."""
     methods, protocols = tuple(methods), tuple(protocols)
     _check(methods, task_type, label_count, protocols)
     rules: dict[str, KeyRule] = {
@@ -187,7 +193,7 @@ def reply_schema(
             prefix = scored_name(method, protocol, protocols)
             rules.update(_task_stats(prefix, task_type, label_count))
             rules.update(_cost_rules(prefix))
-    if task_type in LABELLED_TYPES:
+    if task_type in LABELLED_TYPES if label_baselines is None else label_baselines:
         for baseline in LABEL_BASELINES:
             rules.update(_task_stats(baseline, task_type, label_count))
     return ReplySchema(MappingProxyType(rules))
@@ -203,6 +209,12 @@ def scoring_protocols(settings: Any) -> tuple[str, ...]:
 
 def run_reply_schema(settings: Any, task: TaskSpec) -> ReplySchema:
     """The schema of a run from its settings (`RunSettings`) and its task's public label set."""
+    from proper_fed.data.baselines import has_label_baselines
+
     return reply_schema(
-        (*settings.methods, *settings.variants), task.type, len(task.labels), scoring_protocols(settings)
+        (*settings.methods, *settings.variants),
+        task.type,
+        len(task.labels),
+        scoring_protocols(settings),
+        label_baselines=has_label_baselines(task),
     )

@@ -175,7 +175,8 @@ def load_split(settings: RunSettings) -> FederationSplit:
     check_protocols(dataset.task, settings.scoring)  # the first point the task is known
     return split_federation(
         dataset,
-        settings.server_fraction,
+        # a source with its own server users (OPPU's user_others) keeps them, as the README says
+        None if dataset.server_user_ids else settings.server_fraction,
         settings.seed,
         max_users=settings.max_users or None,
         max_profile=settings.max_profile or None,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proper_fed.data.tasks import lamp_task_id
 from simulations import plots
 from simulations.estimate import Estimate, estimate_run
 from simulations.report import PRIMARY, write_report
@@ -90,7 +91,7 @@ def simulate(
     results = run(p, on_line)
     if results.get("failed"):
         results["failed_users"] = name_failed_users(p.out, _device_user_ids(p))
-    predictions = merge_predictions(p.out, results["task"])
+    predictions = merge_predictions(p.out, lamp_task_id(results["task"]))
     made = make_plots(p.out, results, p.run_config) if with_plots else {}
     report = write_report(p.out, results, made)
     return Outcome(p.out, results, report, predictions, made)

@@ -14,6 +14,7 @@ import pytest
 
 from proper_fed.data import load_dataset, subset_dataset
 from proper_fed.data.task_spec import METRICS_BY_TYPE
+from proper_fed.data.tasks import lamp_task_id
 
 LAMP = Path(__file__).parent / "fixtures" / "lamp"
 
@@ -194,6 +195,7 @@ def test_simulate_quick_runs_on_the_fixture_with_every_device_answering(task_nam
     spec = ds.task
     for name, method in res["methods"].items():
         preds = _read(out / "predictions" / f"{name}.json")
+        assert preds["task"] == lamp_task_id(task_name)  # the id LaMP's eval_task.py checks ("LaMP_2")
         rows = {row["id"]: row["output"] for row in preds["golds"]}
         assert set(rows) <= set(golds), name
         if ds.server_user_ids:

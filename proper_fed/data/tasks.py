@@ -235,3 +235,9 @@ def refine_by_fields(spec: TaskSpec, item_keys: set[str]) -> TaskSpec:
         logger.info("task LaMP_2 with news items (category field): using LaMP-2N")
         return get_task("LaMP-2N")
     return spec
+
+
+def lamp_task_id(name: str) -> str:
+    """The id LaMP's own scorer (eval/eval_task.py) expects in an outputs file: "LaMP-2" -> "LaMP_2". Tasks
+    outside LaMP keep their name; LaMP-2N has no official id (its scorer would use the movie tags)."""
+    return name.replace("-", "_") if name.startswith("LaMP-") else name
