@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from proper_fed import crypto
 from proper_fed.atomic import atomic_write_bytes, atomic_write_text
-from proper_fed.certs import NODE_KEY_NAME, NodeAuthKeyPaths, create_node_auth_keypair
-from proper_fed.errors import ConfigError
+from proper_fed.certs import NODE_KEY_NAME, NodeAuthKeyPaths, check_ca_certificate, create_node_auth_keypair
+from proper_fed.errors import ConfigError, CryptoError
+from proper_fed.processes import executable
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class Enrollment:
         max_retries: int | None = None,
         max_wait_s: float | None = None,
     ) -> list[str]:
-        cmd = [_supernode_executable(), "--superlink", self.superlink]
+        cmd = [executable("flower-supernode"), "--superlink", self.superlink]
         if self.insecure:
             cmd.append("--insecure")
         else:
@@ -87,12 +86,23 @@ class Enrollment:
         return cmd
 
 
-def _supernode_executable() -> str:
-    beside = Path(sys.executable).with_name("flower-supernode")
-    found = str(beside) if beside.exists() else shutil.which("flower-supernode")
-    if not found:
-        raise ConfigError("flower-supernode not found; install flwr[simulation]==1.41.0 in this environment")
-    return found
+def check_server_key(path: str | os.PathLike[str]) -> Path:
+    """The server's bundle-signing public key (signing.pub): a malformed or private key fails here, in one
+    line, not at the first bundle."""
+    key_file = Path(path).expanduser()
+    if not key_file.is_file():
+        raise ConfigError(
+            f"--server-key {key_file}: no such file; ask the operator for the server's signing.pub"
+        )
+    if b"PRIVATE KEY" in key_file.read_bytes():
+        raise ConfigError(
+            f"--server-key {key_file} is a private key; pass the server's public signing key (signing.pub)"
+        )
+    try:
+        crypto.load_public_key(key_file)
+    except CryptoError as err:
+        raise ConfigError(f"--server-key {err}; pass the server's signing.pub") from None
+    return key_file
 
 
 def register_hint(public_key: str | os.PathLike[str]) -> str:
@@ -151,18 +161,14 @@ def enroll(
     node = {"data-path": str(data_path), "user-id": user_id, "task": task}
     # Exactly one user of the file, or a clear error, before anything is created.
     me = device_user(RunSettings(), {k: v for k, v in node.items() if v})
-    key_file = Path(server_key).expanduser()
-    if not key_file.is_file():
-        raise ConfigError(
-            f"--server-key {key_file}: no such file; ask the operator for the server's signing.pub"
-        )
-    crypto.load_public_key(key_file)  # a malformed key fails here, not at the first bundle
+    key_file = check_server_key(server_key)
     if not insecure:
-        if root_cert is None or not Path(root_cert).expanduser().is_file():
+        if root_cert is None:
             raise ConfigError(
-                f"--root-cert {root_cert}: no such file; ask the operator for the CA certificate (ca.crt), or "
-                "pass --insecure for a plaintext test setup"
+                "no CA certificate: pass --root-cert with the CA certificate (ca.crt) the operator gave you, or "
+                "--insecure for a plaintext test setup"
             )
+        check_ca_certificate(root_cert)  # a file that is not a CA certificate is refused, never pinned
     AdapterStore.open(root)  # creates the store (0700) and the device key
     trust = root / TRUST_DIR
     trust.mkdir(mode=0o700, exist_ok=True)

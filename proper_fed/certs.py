@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -246,3 +247,56 @@ def create_node_auth_keypair(
     atomic_write_bytes(paths.public_key, public + b"\n", mode=0o644)
     logger.info("wrote SuperNode auth key pair %s(.pub)", paths.private_key)
     return paths
+
+
+def _pem_kind(data: bytes) -> str:
+    return "a private key" if b"PRIVATE KEY" in data else "not a PEM certificate"
+
+
+def check_ca_certificate(path: str | os.PathLike[str], flag: str = "--root-cert") -> Path:
+    """`path` holds a PEM CA certificate (what `certs create` wrote as ca.crt); else a one-line ConfigError."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{flag} {p}: no such file; ask the operator for the CA certificate (ca.crt)")
+    data = p.read_bytes()
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise ConfigError(f"{flag} {p} is {_pem_kind(data)}; pass the CA certificate (ca.crt)") from None
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = cert.issuer == cert.subject
+    if not is_ca:
+        raise ConfigError(
+            f"{flag} {p} is the certificate of {cert.subject.rfc4514_string()}, not a CA; pass the CA "
+            "certificate that signed it (ca.crt)"
+        )
+    return p
+
+
+def check_node_public_key(path: str | os.PathLike[str]) -> Path:
+    """`path` holds a SuperNode's OpenSSH EC public key (node_auth_key.pub); else a one-line ConfigError."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(
+            f"{p}: no such public key; the device prints its path at `proper-fed client enroll`"
+        )
+    data = p.read_bytes()
+    if b"PRIVATE KEY" in data:
+        raise ConfigError(
+            f"{p} is a private key, not a public key: it must never leave the device; register its "
+            f"{NODE_KEY_NAME}.pub"
+        )
+    try:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"{p} is not an OpenSSH public key; register the device's {NODE_KEY_NAME}.pub"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError(
+            f"{p} holds a {type(key).__name__}; SuperNode authentication needs an ECDSA key "
+            f"({NODE_KEY_NAME}.pub from `proper-fed client enroll`)"
+        )
+    return p

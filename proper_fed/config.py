@@ -191,5 +191,8 @@ class ProperConfig(_FromDict):
             raise ConfigError(
                 f"ProperConfig: unknown section(s) {unknown}; valid sections are {sorted(parts)}"
             )
-        built = {k: parts[k].from_dict(v) for k, v in values.items()}
+        # A partial section overrides that section's default here (the user stage's differs from the
+        # TrainConfig class default), so a key left out means the same as in pyproject's full config.
+        defaults = cls()
+        built = {k: parts[k].from_dict({**getattr(defaults, k).to_dict(), **v}) for k, v in values.items()}
         return cls(**built)

@@ -78,6 +78,12 @@ class StoreError(ProperFedError):
     public_message = "the device's adapter store cannot be read or written; see the device log"
 
 
+class DeployError(ProperFedError):
+    """A deployment process (SuperLink, SuperNode, `flwr`) could not be started, reached or stopped; the
+    message carries the process's own reason. Raised on the operator's or device owner's machine only, never
+    sent over the wire (not in ERROR_CLASSES)."""
+
+
 UNEXPECTED_CODE = ProperFedError.code
 ERROR_CLASSES = (
     ProperFedError,

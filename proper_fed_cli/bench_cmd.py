@@ -11,10 +11,8 @@ import typer
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.errors import ProperFedError
-from proper_fed_cli.main import app
 
 
-@app.command("bench")
 def bench(
     out: Annotated[Path, typer.Option("--out", help="JSON file for the results (written atomically).")],
     model: Annotated[

@@ -7,9 +7,6 @@ from typing import Annotated
 
 import typer
 
-from proper_fed.certs import create_node_auth_keypair, write_certs
-from proper_fed_cli.main import app
-
 certs_app = typer.Typer(
     help="TLS certificates for the SuperLink and authentication keys for SuperNodes.", no_args_is_help=True
 )
@@ -25,6 +22,8 @@ def create(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Create a private CA and a SuperLink certificate (SAN: localhost, 127.0.0.1, ::1 and every --host)."""
+    from proper_fed.certs import write_certs
+
     paths = write_certs(out, hosts=host or [], force=force)
     typer.echo(f"wrote {paths.ca_cert}, {paths.ca_key}, {paths.server_cert}, {paths.server_key}")
     typer.echo(
@@ -44,11 +43,10 @@ def node_key(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
 ) -> None:
     """Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH format, as flwr expects)."""
+    from proper_fed.certs import create_node_auth_keypair
+
     paths = create_node_auth_keypair(out, name=name, force=force)
     typer.echo(f"wrote {paths.private_key} (keep it on the device) and {paths.public_key}")
     typer.echo(f"register:  flwr supernode register {paths.public_key} <federation>")
     typer.echo(f"SuperNode: flower-supernode --auth-supernode-private-key {paths.private_key} ...")
     typer.echo("SuperLink: flower-superlink --enable-supernode-auth (needs TLS)")
-
-
-app.add_typer(certs_app, name="certs")

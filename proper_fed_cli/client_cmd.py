@@ -7,23 +7,19 @@ a background SuperNode; `generate` answers a prompt with the device's stored (en
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from client import supernode
 from client.enroll import Enrollment, enroll, load_enrollment, register_hint
-from proper_fed.backbone import cache_dir
-from proper_fed_cli.main import app
-from server import deploy
 
 client_app = typer.Typer(
     help="Run the device side of a deployment (SuperNode + ClientApp).", no_args_is_help=True
 )
-
-SUPERNODE_PID, SUPERNODE_LOG = "supernode.pid", "supernode.log"
 
 Store = Annotated[
     Path, typer.Option("--store", help="The device's folder: encrypted adapters, keys, pinned server keys.")
@@ -35,7 +31,17 @@ Port = Annotated[
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads the ClientApp may use.")]
 Background = Annotated[
     bool,
-    typer.Option("--background", help=f"Detach; log and pid go to <store>/{SUPERNODE_LOG}, {SUPERNODE_PID}."),
+    typer.Option(
+        "--background",
+        help=f"Detach once connected; log and pid in <store>/{supernode.LOG_FILE}, {supernode.PID_FILE}.",
+    ),
+]
+ConnectTimeout = Annotated[
+    float,
+    typer.Option(
+        "--connect-timeout",
+        help="--background: give up (and stop it) if not connected after this many seconds.",
+    ),
 ]
 MaxRetries = Annotated[
     int | None,
@@ -46,30 +52,39 @@ MaxRetries = Annotated[
 
 
 def _default_store(user_id: str) -> Path:
+    from proper_fed.backbone import cache_dir
+
     return cache_dir() / "device" / (user_id or "default")
 
 
 def _run_supernode(
-    enrollment: Enrollment, port: int | None, threads: int | None, background: bool, max_retries: int | None
+    enrollment: Enrollment,
+    port: int | None,
+    threads: int | None,
+    background: bool,
+    max_retries: int | None,
+    connect_timeout_s: float = 60.0,
 ) -> None:
+    """Start the SuperNode; return once it is connected (--background), else stream its log until it exits."""
+    from proper_fed.processes import flwr_env, free_port
+
     store = Path(enrollment.store)
-    port = port or deploy.free_port()
+    port = port or free_port()
     cmd = enrollment.supernode_command(port, max_retries=max_retries)
-    env = deploy.flwr_env({"PROPER_FED_THREADS": str(threads)} if threads else None)
+    env = flwr_env(os.environ, {"PROPER_FED_THREADS": str(threads)} if threads else None)
     typer.echo(f"starting SuperNode (runtime API 127.0.0.1:{port}) -> {enrollment.superlink}")
     if background:
-        pid_file = store / SUPERNODE_PID
-        if deploy.read_pid(pid_file) is not None:
-            raise typer.BadParameter(
-                f"a SuperNode of {store} already runs; `proper-fed client stop --store {store}`"
-            )
-        proc = deploy.start_background(cmd, store / SUPERNODE_LOG, pid_file, env)
-        typer.echo(f"SuperNode pid {proc.pid}; log {store / SUPERNODE_LOG}")
+        run = supernode.start(cmd, store, env, detach=True, connect_timeout_s=connect_timeout_s)
+        typer.echo(f"SuperNode connected (pid {run.proc.pid}); log {store / supernode.LOG_FILE}")
         return
-    proc = subprocess.Popen(cmd, env=env)
-    # Ctrl-C reaches the SuperNode through the terminal; forward a SIGTERM sent to us as well.
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    raise typer.Exit(proc.wait())
+    # A SIGTERM to us stops the SuperNode and what it started (Ctrl-C reaches them through the terminal).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run = supernode.start(cmd, store, env, detach=False, connect_timeout_s=None, on_line=typer.echo)
+    except KeyboardInterrupt:
+        supernode.stop(store)
+        raise typer.Exit(130) from None
+    raise typer.Exit(supernode.follow(run, store, typer.echo))
 
 
 @client_app.command("enroll")
@@ -110,6 +125,7 @@ def enroll_cmd(
     threads: Threads = None,
     background: Background = False,
     max_retries: MaxRetries = None,
+    connect_timeout: ConnectTimeout = 60.0,
 ) -> None:
     """Enroll this device: node key pair, pinned server keys, then start its SuperNode."""
     enrollment, created = enroll(
@@ -123,7 +139,7 @@ def enroll_cmd(
     if no_start:
         typer.echo(f"start later with: proper-fed client start --store {enrollment.store}")
         return
-    _run_supernode(enrollment, port, threads, background, max_retries)
+    _run_supernode(enrollment, port, threads, background, max_retries, connect_timeout)
 
 
 @client_app.command("start")
@@ -133,21 +149,33 @@ def start_cmd(
     threads: Threads = None,
     background: Background = False,
     max_retries: MaxRetries = None,
+    connect_timeout: ConnectTimeout = 60.0,
 ) -> None:
-    """(Re)start the SuperNode of an enrolled device; an interrupted user stage resumes from its checkpoint."""
-    _run_supernode(load_enrollment(store), port, threads, background, max_retries)
+    """(Re)start the SuperNode of an enrolled device; an interrupted user stage resumes from its checkpoint.
+
+    Returns (--background) or streams its log once connected; exits non-zero with the SuperNode's own reason
+    if it cannot connect, and waits out the SuperLink's heartbeat window after a recent crash."""
+    _run_supernode(load_enrollment(store), port, threads, background, max_retries, connect_timeout)
+
+
+@client_app.command("status")
+def status_cmd(store: Store) -> None:
+    """Whether this device's SuperNode runs (exit 1 if not)."""
+    proc = supernode.status(store.expanduser().resolve())
+    if proc is None:
+        typer.echo(f"no SuperNode running for {store}")
+        raise typer.Exit(1)
+    typer.echo(f"SuperNode running (pid {proc.pid}); log {store / supernode.LOG_FILE}")
 
 
 @client_app.command("stop")
 def stop_cmd(store: Store) -> None:
-    """Stop a SuperNode started with --background."""
-    pid_file = store.expanduser().resolve() / SUPERNODE_PID
-    pid = deploy.read_pid(pid_file)
-    if pid is None or not deploy.stop_process(pid, "flower-supernode"):
-        typer.echo(f"no running SuperNode recorded in {pid_file}")
+    """Stop this device's SuperNode and every process it started (its ClientApp too)."""
+    pid = supernode.stop(store.expanduser().resolve())
+    if pid is None:
+        typer.echo(f"no running SuperNode recorded in {store / supernode.PID_FILE}")
     else:
-        typer.echo(f"stopped the SuperNode (pid {pid})")
-    pid_file.unlink(missing_ok=True)
+        typer.echo(f"stopped the SuperNode (pid {pid}) and its processes")
 
 
 @client_app.command("generate")
@@ -170,6 +198,3 @@ def generate_cmd(
 
     text = answer(store, prompt, user_id, max_new_tokens, quantization, base_folder)
     typer.echo(text if text else "(the model produced an empty answer)")
-
-
-app.add_typer(client_app, name="client")

@@ -16,7 +16,6 @@ from proper_fed.data import SyntheticConfig, builtin_tasks, generate_synthetic, 
 from proper_fed.data.inspect import DatasetStats
 from proper_fed.data.synthetic import write_synthetic
 from proper_fed.errors import ProperFedError
-from proper_fed_cli.main import app
 
 data_app = typer.Typer(
     name="data", help="Inspect LaMP-style datasets and generate the synthetic one.", no_args_is_help=True
@@ -158,6 +157,3 @@ def tasks_cmd() -> None:
     for spec in builtin_tasks():
         table.add_row(spec.name, spec.type, ", ".join(spec.aliases), spec.description)
     Console().print(table)
-
-
-app.add_typer(data_app, name="data")

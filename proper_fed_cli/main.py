@@ -1,4 +1,9 @@
-"""The `proper-fed` command. Each command group lives in its own module and calls one library function."""
+"""The `proper-fed` command: every command registered here, explicitly; each lives in its own module, parses
+its options and calls one library function. Heavy modules (torch, flwr, transformers) are imported inside the
+commands, so `proper-fed --help` stays fast.
+
+This is the outermost edge: the only place (with the Flower app entry points) that reads the environment.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,7 @@ import sys
 import typer
 
 from proper_fed.errors import ProperFedError
-
-# Nothing may be fetched from a model hub at run time; telemetry off.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+from proper_fed_cli import bench_cmd, certs_cmd, client_cmd, data_cmd, server_cmd, simulate_cmd
 
 app = typer.Typer(
     name="proper-fed",
@@ -20,25 +22,21 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-
-def _register() -> None:
-    # Sub-command modules register themselves on `app`; imported lazily so `--help` stays fast.
-    import importlib
-
-    for name in ("data_cmd", "bench_cmd", "certs_cmd", "server_cmd", "client_cmd", "simulate_cmd"):
-        try:
-            importlib.import_module(f"proper_fed_cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"proper_fed_cli.{name}":
-                raise
+app.add_typer(data_cmd.data_app, name="data")
+app.command("bench")(bench_cmd.bench)
+app.add_typer(certs_cmd.certs_app, name="certs")
+app.add_typer(server_cmd.server_app, name="server")
+app.add_typer(client_cmd.client_app, name="client")
+app.command("simulate")(simulate_cmd.simulate_cmd)
 
 
 def main() -> None:
+    # Nothing may be fetched from a model hub at run time; telemetry off (inherited by every process we start).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logging.basicConfig(
         level=os.environ.get("PROPER_FED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
     )
-    _register()
     try:
         app()
     except ProperFedError as err:

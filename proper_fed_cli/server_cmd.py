@@ -8,6 +8,7 @@ another run to the running SuperLink; `stop` ends it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from proper_fed_cli.main import app
-from server import deploy
+from server import superlink
+from server.connection import DEFAULT_CONNECTION
 
 server_app = typer.Typer(
     help="Run the server side of a deployment (SuperLink + ServerApp).", no_args_is_help=True
@@ -70,24 +71,53 @@ Sets = Annotated[
 AppDir = Annotated[
     Path | None, typer.Option("--app", help="The Flower app folder (default: this proper-fed checkout).")
 ]
+Host = Annotated[str, typer.Option("--host", help="Interface the SuperLink listens on.")]
+Port = Annotated[
+    int, typer.Option("--port", help="The SuperLink's one HTTPS port (Fleet, Control, Runtime).")
+]
+NodeAuth = Annotated[
+    bool, typer.Option("--node-auth/--no-node-auth", help="Only registered SuperNode keys may connect.")
+]
+NoRun = Annotated[
+    bool, typer.Option("--no-run", help="Only start the SuperLink (register devices, then `server run`).")
+]
+StopAfter = Annotated[bool, typer.Option("--stop-after", help="Stop the SuperLink when the run ends.")]
+ServerDevices = Annotated[
+    int | None,
+    typer.Option(
+        help="Train the server stages data-parallel (DDP) on this many local GPUs (or CPU processes)."
+    ),
+]
+
+
+def _env() -> dict[str, str]:
+    from proper_fed.processes import flwr_env
+
+    return flwr_env(os.environ)
 
 
 def _state_dir(out: Path, state_dir: Path | None) -> Path:
     return (state_dir or out / "server").expanduser().resolve()
 
 
+def _runtime(out: Path, state_dir: Path | None) -> Path:
+    return _state_dir(out, state_dir) / SUPERLINK_DIR
+
+
 def _run_config(
     out: Path, state_dir: Path | None, config: Path | None, sets: list[str] | None, options: dict[str, Any]
 ) -> tuple[dict[str, Any], Any]:
     """The run config: --config file, then --set, then the named options; validated, paths absolute."""
-    base = deploy.load_run_config(config) if config else {}
+    from proper_fed.run_config import load_run_config, parse_assignments, resolve
+
+    base = load_run_config(config).flat if config else {}
     overrides = {
-        **deploy.parse_assignments(sets or []),
+        **parse_assignments(sets or []),
         "out": str(out),
         "state-dir": str(_state_dir(out, state_dir)),
         **options,
     }
-    return deploy.build_run_config(base, overrides)
+    return resolve(base, overrides, search=(config.parent,) if config else ())
 
 
 def _options(data, model, min_nodes, node_wait_s, reply_timeout_s) -> dict[str, Any]:  # noqa: ANN001
@@ -109,36 +139,39 @@ def _ensure_signing_key(settings: Any) -> Path:
 
 def _submit(flat: dict[str, Any], settings: Any, connection: str, app_dir: Path | None) -> int:
     """`flwr run` the ServerApp, stream its logs (also into <out>/flower.log), summarize results.json."""
+    from proper_fed.run_config import rotate_results, write_run_config
+    from server.connection import default_app_dir, submit_command
+
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.json"
-    if results.exists():
-        results.replace(out / "results.previous.json")  # never mix this run's results with the last one's
-    cfg = deploy.write_run_config(flat, out / "run_config.toml")
-    cmd = deploy.submit_command(app_dir or deploy.default_app_dir(), connection, cfg)
+    results = rotate_results(out)
+    cfg = write_run_config(flat, out / "run_config.toml")
+    cmd = submit_command(app_dir or default_app_dir(), connection, cfg)
     typer.echo(f"submitting: {' '.join(cmd)}")
     t0 = time.perf_counter()
-    with open(out / "flower.log", "w") as logf:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=deploy.flwr_env(), bufsize=1
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            typer.echo(line, nl=False)
-            logf.write(line)
-        code = proc.wait()
-    wall = time.perf_counter() - t0
+    code = _tee(cmd, out / "flower.log")
     if not results.exists():
         typer.secho(
             f"flwr run exited with code {code} and no results were written; see {out / 'flower.log'} and "
-            f"{_state_dir(out, Path(settings.state_path)) / SUPERLINK_DIR / 'superlink.log'}",
+            f"{settings.state_path.resolve() / SUPERLINK_DIR / superlink.LOG_FILE}",
             fg=typer.colors.RED,
             err=True,
         )
         return code or 1
-    _summarize(json.loads(results.read_text()), wall)
+    _summarize(json.loads(results.read_text()), time.perf_counter() - t0)
     typer.echo(f"results: {results}")
     return 0
+
+
+def _tee(cmd: list[str], log_path: Path) -> int:
+    """Run `cmd`, echoing its output and writing it to `log_path`; its exit code."""
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), bufsize=1
+        )
+        for line in proc.stdout or ():
+            typer.echo(line, nl=False)
+            logf.write(line)
+        return proc.wait()
 
 
 def _summarize(results: dict, wall_s: float) -> None:
@@ -155,17 +188,37 @@ def _summarize(results: dict, wall_s: float) -> None:
         typer.secho(f"  node {node} failed: {why}", fg=typer.colors.YELLOW)
 
 
+def _spec(certs: Path | None, insecure: bool, host: str, port: int, node_auth: bool, runtime: Path) -> Any:
+    if certs is None and not insecure:
+        raise typer.BadParameter(
+            "pass --certs DIR (from `proper-fed certs create`), or --insecure", param_hint="--certs"
+        )
+    tls = None if insecure else superlink.TlsFiles.from_dir(certs)  # type: ignore[arg-type]
+    return superlink.SuperLinkSpec(host, port, tls, node_auth and not insecure, runtime / superlink.DB_FILE)
+
+
+def _announce(spec: Any, pid: int, runtime: Path, connection: str, signing_pub: Path) -> None:
+    """Where the SuperLink runs, the flwr connection written for it, and what devices need."""
+    from server.connection import write_connection
+
+    tls = spec.tls
+    conf = write_connection(connection, spec.address, tls.ca_cert if tls else None, insecure=tls is None)
+    mode = ("TLS" if tls else "INSECURE") + (", node authentication" if spec.node_auth else "")
+    typer.echo(f"SuperLink running on {spec.address} (pid {pid}, {mode}); log {runtime / superlink.LOG_FILE}")
+    typer.echo(f"flwr connection {connection!r} written to {conf}")
+    typer.echo(f"devices pin the server signing key: {signing_pub}")
+    if tls:
+        typer.echo(f"devices trust the CA: {tls.ca_cert}")
+    typer.echo("admit a device: proper-fed server register-client <its node_auth_key.pub>")
+
+
 @server_app.command("start")
 def start(
     certs: Certs = None,
     insecure: Insecure = False,
-    host: Annotated[str, typer.Option("--host", help="Interface the SuperLink listens on.")] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", help="The SuperLink's one HTTPS port (Fleet, Control, Runtime).")
-    ] = deploy.DEFAULT_PORT,
-    node_auth: Annotated[
-        bool, typer.Option("--node-auth/--no-node-auth", help="Only registered SuperNode keys may connect.")
-    ] = True,
+    host: Host = "127.0.0.1",
+    port: Port = superlink.DEFAULT_PORT,
+    node_auth: NodeAuth = True,
     out: Out = Path("runs/deploy"),
     state_dir: StateDir = None,
     data: Data = None,
@@ -175,59 +228,28 @@ def start(
     reply_timeout_s: ReplyTimeout = None,
     config: Config = None,
     set_: Sets = None,
-    connection: Connection = deploy.DEFAULT_CONNECTION,
+    connection: Connection = DEFAULT_CONNECTION,
     app_dir: AppDir = None,
-    no_run: Annotated[
-        bool, typer.Option("--no-run", help="Only start the SuperLink (register devices, then `server run`).")
-    ] = False,
-    stop_after: Annotated[
-        bool, typer.Option("--stop-after", help="Stop the SuperLink when the run ends.")
-    ] = False,
+    no_run: NoRun = False,
+    stop_after: StopAfter = False,
 ) -> None:
-    """Start a SuperLink (TLS, SuperNode authentication) and submit the PROPER ServerApp to it."""
-    if certs is None and not insecure:
-        raise typer.BadParameter(
-            "pass --certs DIR (from `proper-fed certs create`), or --insecure", param_hint="--certs"
-        )
-    flat, settings = _run_config(
-        out, state_dir, config, set_, _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
-    )
-    tls = None if insecure else deploy.TlsFiles.from_dir(certs)  # type: ignore[arg-type]
-    runtime = _state_dir(out, state_dir) / SUPERLINK_DIR
-    runtime.mkdir(parents=True, exist_ok=True)
-    spec = deploy.SuperLinkSpec(host, port, tls, node_auth and not insecure, runtime / "superlink.db")
-    pid_file = runtime / "superlink.pid"
-    running = deploy.read_pid(pid_file)
-    if running is not None:
-        raise typer.BadParameter(
-            f"a SuperLink from {runtime} is already running (pid {running}); use `proper-fed server run` or "
-            f"`proper-fed server stop --state-dir {runtime.parent}`"
-        )
-    if deploy.port_open(host, port):
-        raise typer.BadParameter(f"something already listens on {spec.address}; choose another --port")
+    """Start a SuperLink (TLS, SuperNode authentication) and submit the PROPER ServerApp to it.
+
+    Returns once the SuperLink accepts connections, or exits non-zero with its own error lines."""
+    runtime = _runtime(out, state_dir)
+    spec = _spec(certs, insecure, host, port, node_auth, runtime)
+    options = _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
+    flat, settings = _run_config(out, state_dir, config, set_, options)
     pub = _ensure_signing_key(settings)
-    proc = deploy.start_background(spec.command(), runtime / "superlink.log", pid_file)
-    deploy.wait_for_port(host, port, 60, proc, runtime / "superlink.log")
-    conf = deploy.write_connection(
-        connection, spec.address, tls.ca_cert if tls else None, insecure=tls is None
-    )
-    typer.echo(
-        f"SuperLink running on {spec.address} (pid {proc.pid}, {'TLS' if tls else 'INSECURE'}"
-        f"{', node authentication' if spec.node_auth else ''}); log {runtime / 'superlink.log'}"
-    )
-    typer.echo(f"flwr connection {connection!r} written to {conf}")
-    typer.echo(f"devices pin the server signing key: {pub}")
-    if tls:
-        typer.echo(f"devices trust the CA: {tls.ca_cert}")
-    typer.echo("admit a device: proper-fed server register-client <its node_auth_key.pub>")
+    proc = superlink.start(spec, runtime, _env())
+    _announce(spec, proc.pid, runtime, connection, pub)
     if no_run:
         return
     try:
         code = _submit(flat, settings, connection, app_dir)
     finally:
         if stop_after:
-            deploy.stop_process(proc.pid, "flower-superlink")
-            pid_file.unlink(missing_ok=True)
+            superlink.stop(runtime)
     raise typer.Exit(code)
 
 
@@ -242,14 +264,9 @@ def run(
     reply_timeout_s: ReplyTimeout = None,
     config: Config = None,
     set_: Sets = None,
-    connection: Connection = deploy.DEFAULT_CONNECTION,
+    connection: Connection = DEFAULT_CONNECTION,
     app_dir: AppDir = None,
-    server_devices: Annotated[
-        int | None,
-        typer.Option(
-            help="Train the server stages data-parallel (DDP) on this many local GPUs (or CPU processes)."
-        ),
-    ] = None,
+    server_devices: ServerDevices = None,
 ) -> None:
     """Submit the PROPER ServerApp to the running SuperLink, stream its logs, and print where results are."""
     options = _options(data, model, min_nodes, node_wait_s, reply_timeout_s)
@@ -263,27 +280,32 @@ def register_client(
     public_key: Annotated[
         Path, typer.Argument(help="The device's node_auth_key.pub (OpenSSH, ECDSA P-384).")
     ],
-    connection: Connection = deploy.DEFAULT_CONNECTION,
+    connection: Connection = DEFAULT_CONNECTION,
 ) -> None:
     """Admit a device: register its SuperNode public key (`flwr supernode register KEY.pub CONNECTION`)."""
-    node_id = deploy.register_node(public_key, connection)
+    from server.connection import register_node
+
+    node_id = register_node(public_key, connection, _env())
     typer.echo(f"registered {public_key} as node {node_id}")
 
 
+@server_app.command("status")
+def status(out: Out = Path("runs/deploy"), state_dir: StateDir = None) -> None:
+    """Whether the SuperLink started by `server start` runs (exit 1 if not)."""
+    runtime = _runtime(out, state_dir)
+    proc = superlink.status(runtime)
+    if proc is None:
+        typer.echo(f"no SuperLink running from {runtime}")
+        raise typer.Exit(1)
+    typer.echo(f"SuperLink running (pid {proc.pid}); log {runtime / superlink.LOG_FILE}")
+
+
 @server_app.command("stop")
-def stop(
-    out: Out = Path("runs/deploy"),
-    state_dir: StateDir = None,
-) -> None:
-    """Stop the SuperLink started by `server start` (and the ServerApp it runs)."""
-    pid_file = _state_dir(out, state_dir) / SUPERLINK_DIR / "superlink.pid"
-    pid = deploy.read_pid(pid_file)
-    if pid is None or not deploy.stop_process(pid, "flower-superlink"):
-        typer.echo(f"no running SuperLink recorded in {pid_file}")
-        pid_file.unlink(missing_ok=True)
-        return
-    pid_file.unlink(missing_ok=True)
-    typer.echo(f"stopped the SuperLink (pid {pid})")
-
-
-app.add_typer(server_app, name="server")
+def stop(out: Out = Path("runs/deploy"), state_dir: StateDir = None) -> None:
+    """Stop the SuperLink started by `server start` and every process it started (the ServerApp too)."""
+    runtime = _runtime(out, state_dir)
+    pid = superlink.stop(runtime)
+    if pid is None:
+        typer.echo(f"no running SuperLink recorded in {runtime / superlink.PID_FILE}")
+    else:
+        typer.echo(f"stopped the SuperLink (pid {pid}) and its processes")

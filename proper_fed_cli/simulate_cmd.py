@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,12 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from proper_fed_cli.main import app
-
 console = Console()
 
 
-@app.command("simulate")
 def simulate_cmd(
     config: Annotated[
         str,
@@ -67,7 +65,8 @@ def simulate_cmd(
             status.update(line)
             console.log(line)
 
-        outcome = simulate("quick" if quick and config == "default" else config, overrides, show, plots)
+        name = "quick" if quick and config == "default" else config
+        outcome = simulate(os.environ, name, overrides, show, plots)
     res = outcome.results
     users = res["users"]
     answered = res.get("answered") or f"{users['devices_answered']} of {users['devices']} devices answered"

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import time
-import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,9 @@ from typing import Any
 from proper_fed.atomic import atomic_write_text
 from proper_fed.backbone import cache_dir
 from proper_fed.errors import ConfigError, ProperFedError
-from proper_fed.run_settings import DEVICE_NODES_DIR, RunSettings, flatten_config, load_split
+from proper_fed.processes import executable, flwr_env
+from proper_fed.run_config import load_run_config, resolve, rotate_results, write_run_config
+from proper_fed.run_settings import DEVICE_NODES_DIR, load_split
 
 log = logging.getLogger(__name__)
 
@@ -53,99 +52,58 @@ def config_path(name_or_path: str) -> Path:
 
 def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> SimulationPlan:
     """Read a simulation config, apply CLI overrides, and size the federation from the data split."""
-    path = config_path(config)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    federation = raw.pop("federation", {})
-    run = raw.pop("run", {})
-    flat = {**flatten_config(run), **flatten_config(raw)}
-    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for key in ("data", "task", "state-dir", "server-key", "server-public-key"):
-        flat[key] = _absolute(flat.get(key, ""), path)  # the ServerApp runs in another working folder
-    settings = RunSettings.from_run_config(flat)  # validates every key before anything runs
+    loaded = load_run_config(config_path(config))
+    # Relative input paths: against the working folder, else the repository (where the shipped configs'
+    # paths, like ../shared/data, are meant from), else the config file's folder.
+    flat, settings = resolve(loaded.flat, overrides, search=(APP_DIR, loaded.path.parent))
     split = load_split(settings)
-    out = Path(settings.out).resolve()
-    flat.update(
-        {"out": str(out), "min-nodes": len(split.device_users), "device-outputs": str(out / "device_outputs")}
-    )
+    out = Path(flat["out"])
+    flat.update({"min-nodes": len(split.device_users), "device-outputs": str(out / "device_outputs")})
     federation = {
         "num-supernodes": len(split.device_users),
         "client-resources-num-cpus": 1,
         "client-resources-num-gpus": 0.0,
-        **federation,
+        **loaded.federation,
     }
     return SimulationPlan(flat, federation, out, len(split.device_users), len(split.server_users))
 
 
-def _absolute(value: Any, config_file: Path) -> Any:
-    """A relative path made absolute: against the working folder, else the repository (where the shipped
-    configs' paths, like ../shared/data, are meant from). Names that are not paths pass through."""
-    if not isinstance(value, str) or not value or value == "synthetic":
-        return value
-    p = Path(value).expanduser()
-    if p.is_absolute() or not ("/" in value or value.endswith((".json", ".toml"))):
-        return value
-    for base in (Path.cwd(), APP_DIR, config_file.parent):
-        if (base / p).exists():
-            return str((base / p).resolve())
-    return str(p.resolve())
+def _federation_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
 
 
-def _toml_value(v: Any) -> str:
-    return (
-        json.dumps(v) if isinstance(v, str) else ("true" if v is True else "false" if v is False else repr(v))
-    )
+def _env(base: Mapping[str, str]) -> dict[str, str]:
+    """The `flwr run` environment: ours on top of the caller's (the CLI passes its own)."""
+    extra = {
+        "FLWR_HOME": base.get("FLWR_HOME", str(cache_dir() / "flwr-home")),
+        "RAY_DEDUP_LOGS": "0",
+        "TQDM_DISABLE": "1",
+        "PROPER_FED_THREADS": base.get("PROPER_FED_THREADS", "1"),  # read by the ClientApp at import
+    }
+    return flwr_env(base, extra)
 
 
-def _env(out: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("FLWR_HOME", str(cache_dir() / "flwr-home"))
-    env.update(
-        {
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "HF_HUB_OFFLINE": "1",
-            "RAY_DEDUP_LOGS": "0",
-            "TQDM_DISABLE": "1",
-            "PROPER_FED_THREADS": env.get("PROPER_FED_THREADS", "1"),
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
-    return env
+def _start_fresh(out: Path) -> Path:
+    """Rotate the last run's results and drop its device outputs and progress."""
+    results = rotate_results(out)
+    shutil.rmtree(out / "device_outputs", ignore_errors=True)
+    (out / "progress.jsonl").unlink(missing_ok=True)
+    return results
 
 
-def run(p: SimulationPlan, on_line: Callable[[str], None] | None = None) -> dict:
-    """Run `flwr run` on the plan and return the results the ServerApp wrote."""
-    p.out.mkdir(parents=True, exist_ok=True)
-    results = p.out / "results.json"
-    if results.exists():
-        results.rename(p.out / "results.previous.json")  # keep the last run's results, never mix them
-    shutil.rmtree(p.out / "device_outputs", ignore_errors=True)
-    cfg_file = p.out / "run_config.toml"
-    atomic_write_text(
-        cfg_file, "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in p.run_config.items())
-    )
-    fed = " ".join(f"{k}={_toml_value(v)}" for k, v in p.federation.items())
-    flwr = Path(sys.executable).with_name("flwr")
-    cmd = [
-        str(flwr if flwr.exists() else "flwr"),
-        "run",
-        str(APP_DIR),
-        "--stream",
-        "--run-config",
-        str(cfg_file),
-        "--federation-config",
-        fed,
-    ]
+def run(p: SimulationPlan, env: Mapping[str, str], on_line: Callable[[str], None] | None = None) -> dict:
+    """Run `flwr run` on the plan, in the caller's environment `env` with ours on top, and return the results
+    the ServerApp wrote."""
+    results = _start_fresh(p.out)
+    cfg_file = write_run_config(p.run_config, p.out / "run_config.toml")
+    fed = " ".join(f"{k}={_federation_value(v)}" for k, v in p.federation.items())
+    cmd = [executable("flwr"), "run", str(APP_DIR), "--stream", "--run-config", str(cfg_file)]
+    cmd += ["--federation-config", fed]
     log.info("running %s", " ".join(cmd))
     t0 = time.perf_counter()
     progress = p.out / "progress.jsonl"
-    progress.unlink(missing_ok=True)
     with open(p.out / "flower.log", "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_env(p.out), cwd=APP_DIR)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=_env(env), cwd=APP_DIR)
         seen = 0
         while True:
             code = proc.poll()

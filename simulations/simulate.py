@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,16 +79,18 @@ def _device_user_ids(p: SimulationPlan) -> list[str]:
 
 
 def simulate(
+    env: Mapping[str, str],
     config: str = "default",
     overrides: dict[str, Any] | None = None,
     on_line: Callable[[str], None] | None = None,
     with_plots: bool = True,
 ) -> Outcome:
+    """The whole simulation; `env` is the caller's environment, passed on to Flower with ours on top."""
     p = plan(config, overrides)
     if on_line:
         on_line(f"{p.server_users} server users, {p.device_users} device users (one virtual SuperNode each)")
         on_line(estimate(p, with_plots).describe())
-    results = run(p, on_line)
+    results = run(p, env, on_line)
     if results.get("failed"):
         results["failed_users"] = name_failed_users(p.out, _device_user_ids(p))
     predictions = merge_predictions(p.out, lamp_task_id(results["task"]))

@@ -1,5 +1,7 @@
 """Bad configuration values fail on construction with a message that names the field and the fix."""
 
+import dataclasses
+
 import pytest
 
 from proper_fed.config import AdapterConfig, BackboneConfig, ProperConfig, TrainConfig
@@ -42,3 +44,9 @@ def test_from_dict_round_trip():
     assert cfg.adapters.num_experts == 8 and cfg.adapters.target_modules == ("up_proj",)
     assert cfg.group.constraint_weight == 0.0
     assert AdapterConfig.from_dict(cfg.adapters.to_dict()) == cfg.adapters
+
+
+def test_a_partial_section_keeps_that_sections_defaults():
+    """`[user] epochs = 4` leaves the user stage's own defaults (batch 4), as pyproject's full config does."""
+    cfg = ProperConfig.from_dict({"user": {"epochs": 4}})
+    assert cfg.user == dataclasses.replace(ProperConfig().user, epochs=4)

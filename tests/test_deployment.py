@@ -109,7 +109,7 @@ def watch_and_kill(store: Path, proc: subprocess.Popen, done: dict) -> None:
 def fed(tmp_path_factory):
     from proper_fed.data import load_dataset, split_federation
     from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic, write_synthetic
-    from server.deploy import free_port
+    from proper_fed.processes import free_port
 
     root = tmp_path_factory.mktemp("deployment")
     env = {
@@ -460,7 +460,8 @@ def test_superlink_command_and_flwr_connection(tmp_path):
 
     from proper_fed.certs import write_certs
     from proper_fed.errors import ConfigError
-    from server.deploy import SuperLinkSpec, TlsFiles, write_connection
+    from server.connection import write_connection
+    from server.superlink import SuperLinkSpec, TlsFiles
 
     write_certs(tmp_path / "certs")
     spec = SuperLinkSpec("127.0.0.1", 9200, TlsFiles.from_dir(tmp_path / "certs"), True, tmp_path / "db")
@@ -479,19 +480,3 @@ def test_superlink_command_and_flwr_connection(tmp_path):
     conf = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"]
     assert conf["default"] == "mine" and conf["mine"]["address"] == "x:1"  # nothing else changed
     assert conf["proper-fed"] == {"address": "127.0.0.1:9200", "root-certificates": str(spec.tls.ca_cert)}
-
-
-def test_run_config_is_validated_and_paths_are_absolute(tmp_path, monkeypatch):
-    from proper_fed.errors import ConfigError
-    from server.deploy import build_run_config, parse_assignments
-
-    monkeypatch.chdir(tmp_path)
-    flat, settings = build_run_config(
-        {"data": "synthetic"}, {"out": "run", "min-nodes": 2, "backbone.model": None}
-    )
-    assert flat["out"] == str(tmp_path / "run") and flat["data"] == "synthetic" and settings.min_nodes == 2
-    assert parse_assignments(["user.epochs=2", "methods=oppu,proper", "task='x y'"]) == {
-        "user.epochs": 2, "methods": "oppu,proper", "task": "x y",
-    }  # fmt: skip
-    with pytest.raises(ConfigError, match="unknown"):
-        build_run_config({}, {"epochs": 1})

@@ -1,6 +1,5 @@
-"""The run config: pyproject's [tool.flwr.app.config] parses, overrides validate, bad keys are refused."""
+"""RunSettings: overrides validate, bad keys are refused with the key named (pyproject: test_run_config.py)."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -9,22 +8,6 @@ from proper_fed.errors import ConfigError
 from proper_fed.run_settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _flat(table, prefix=""):
-    out = {}
-    for k, v in table.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def test_pyproject_run_config_is_complete_and_matches_library_defaults():
-    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    settings = RunSettings.from_run_config(_flat(cfg))
-    assert settings.proper.backbone.model == "smollm2-135m"
-    assert settings.proper.adapters.num_experts == 5 and settings.proper.adapters.population_rank == 8
-    assert settings.methods[-1] == "proper"
-    assert settings.synthetic.users == 40
 
 
 @pytest.mark.parametrize(
@@ -45,14 +28,11 @@ def test_bad_run_config_is_refused_with_the_key_named(flat, needle):
 
 
 def test_simulation_configs_all_parse():
-    from proper_fed.run_settings import flatten_config as _flatten
+    from proper_fed.run_config import load_run_config
     from simulations.run import CONFIGS
 
     for path in CONFIGS.glob("*.toml"):
-        raw = tomllib.loads(path.read_text())
-        raw.pop("federation", None)
-        run = raw.pop("run", {})
-        RunSettings.from_run_config({**_flatten(run), **_flatten(raw)})
+        RunSettings.from_run_config(load_run_config(path).flat)
 
 
 def test_server_threads_default_to_every_usable_core_and_can_be_set():
