@@ -8,7 +8,6 @@ sections (`population.epochs`, `adapters.num-experts`, ...); dashes and undersco
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,6 @@ BUILTIN_DATA = "synthetic"
 # Under `device_outputs` (simulation only): `<name>/<node id>.json` per reported method, and this folder of
 # `<node id>.json` files in which each virtual device notes its partition when it starts.
 DEVICE_NODES_DIR = "_nodes"
-
-
-def flatten_config(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested TOML table as Flower's flat run config: `{"group": {"epochs": 2}}` -> `{"group.epochs": 2}`;
-    lists become comma-separated strings, since Flower config values are scalars."""
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_config(v, f"{key}."))
-        else:
-            out[key] = ",".join(map(str, v)) if isinstance(v, list) else v
-    return out
 
 
 def _csv(value: Any) -> tuple[str, ...]:

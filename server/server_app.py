@@ -27,12 +27,13 @@ from server.wire import base_content, bundle_content, make_message, payload_byte
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+# The environment is read here, at the app's entry point, and nowhere below it.
+RECORD_REPLIES = os.environ.get("PROPER_FED_RECORD_REPLIES", "")
 
 
-def record_reply(msg: Message) -> None:
+def record_reply(msg: Message, path: str = RECORD_REPLIES) -> None:
     """Audit hook (used by the deployment tests): with $PROPER_FED_RECORD_REPLIES=<file>, append every reply
     that reached the server as one JSON line: sender, type, error text, record types, exact content bytes."""
-    path = os.environ.get("PROPER_FED_RECORD_REPLIES")
     if not path:
         return
     content = msg.content if msg.has_content() else None

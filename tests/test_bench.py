@@ -18,9 +18,7 @@ from proper_fed.errors import ConfigError
 from proper_fed.precision import compute_dtype, resolve_precision
 from proper_fed.proper_linear import ProperLinear
 from proper_fed.routing import RoutingContext
-from proper_fed_cli.main import _register, app
-
-_register()  # every sub-command, as `proper-fed` has them (with `bench` alone, typer would drop its name)
+from proper_fed_cli.main import app  # every sub-command, as `proper-fed` has them
 
 STAGE_KEYS = ("proper_step_s", "peft_lora_step_s", "ratio", "proper_tokens_per_s", "peft_tokens_per_s")
 TINY = {"steps": 1, "warmup": 0, "seq_len": 32, "batch_size": 2}
