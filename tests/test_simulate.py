@@ -1,6 +1,7 @@
 """`proper-fed simulate --quick`: the whole pipeline through Flower's simulation runtime, end to end."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,15 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
     exe = Path(sys.executable).with_name("proper-fed")
+    # Not activated: the venv's bin folder is not on PATH; Flower's executables are found beside proper-fed.
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != str(exe.parent))
     proc = subprocess.run(
-        [str(exe), "simulate", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+        [str(exe), "simulate", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
