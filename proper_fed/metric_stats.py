@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 from proper_fed.data.metrics import rating_metrics, rouge_metrics
 from proper_fed.data.task_spec import TaskSpec
@@ -95,6 +96,7 @@ def metrics_from_stats(task: TaskSpec, stats: Mapping[str, float]) -> dict[str, 
     return {"rouge1": stats.get("rouge1", 0) / n, "rougeL": stats.get("rougeL", 0) / n}
 
 
-def primary_metric(task: TaskSpec) -> tuple[str, bool]:
-    """The metric tables sort by, and whether higher is better."""
-    return {"classification": ("accuracy", True), "rating": ("mae", False)}.get(task.type, ("rougeL", True))
+# task type -> the metric the tables compare by, and whether higher is better
+PRIMARY_METRIC: Mapping[str, tuple[str, bool]] = MappingProxyType(
+    {"classification": ("accuracy", True), "rating": ("mae", False), "generation": ("rougeL", True)}
+)

@@ -18,8 +18,10 @@ import torch
 from proper_fed import stages
 from proper_fed.config import TrainConfig
 from proper_fed.data.task_spec import TaskSpec
+from proper_fed.errors import ConfigError
 from proper_fed.example import Example
 from proper_fed.generate import generate
+from proper_fed.methods import DEVICE_METHODS, METHODS, ExpertMix, Kind, Method, Stage, method
 from proper_fed.metric_stats import query_stats
 from proper_fed.proper_model import ProperModel
 from proper_fed.rank import rank_answers
@@ -27,18 +29,6 @@ from proper_fed.scoring import scored_answer
 from proper_fed.trainer import Checkpointer
 
 log = logging.getLogger(__name__)
-
-# method -> (serving stage, user-stage expert mix or None when the method trains nothing on the device)
-DEVICE_METHODS: dict[str, tuple[str, str | None]] = {
-    "zero_shot": ("base", None),
-    "population": ("population", None),
-    "proper_group": ("group", None),
-    "oppu": ("user", "none"),
-    "proper": ("user", "lora_router"),
-    "proper_no_lora_router": ("user", "uniform"),
-}
-# Server-side ablations: a different group model each; the device trains the PROPER user stage on top.
-VARIANT_METHODS = ("proper_end_to_end", "proper_no_constraint", "proper_k2", "proper_k5", "proper_k8")
 
 
 @dataclass
@@ -79,7 +69,7 @@ def _answers(
     if protocol == "rank":
         return rank_answers(model, prompts, users, task.labels)
     if protocol != "generate":
-        raise ValueError(f"scoring protocol {protocol!r}; use generate or rank")
+        raise ConfigError(f"scoring protocol {protocol!r}; use generate or rank")
     budget = max_new_tokens_for(task, model.backbone.tokenizer)
     return generate(model, prompts, users, max_new_tokens=budget, batch_size=batch_size)
 
@@ -101,7 +91,7 @@ def evaluate(
 
 def run_method(
     model: ProperModel,
-    method: str,
+    name: str,
     task: TaskSpec,
     history: Sequence[Example],
     queries: Sequence[Example],
@@ -109,22 +99,28 @@ def run_method(
     checkpointer: Checkpointer | None = None,
     protocols: Sequence[str] = ("generate",),
 ) -> MethodResult:
-    """Evaluate one method for one user under each scoring protocol. `method` is a key of DEVICE_METHODS or a
-    server variant name (which means: the PROPER user stage on that variant's group model, already loaded in
-    `model`)."""
-    stage, mix = DEVICE_METHODS.get(method, ("user", "lora_router"))
-    result = MethodResult()
-    if mix is not None:
+    """Evaluate one method for one user under each scoring protocol. `name` is a device method or a server
+    variant (the PROPER user stage on that variant's group model, already loaded in `model`)."""
+    spec = _llm_method(name)
+    serves, result = spec.serves, MethodResult()
+    if spec.trains_user_stage:
         if not history:
-            log.warning("user has no history: %s falls back to the group model", method)
-            stage = "group"
+            log.warning("user has no history: %s falls back to the group model", name)
+            serves = Stage.GROUP
         else:
-            r = stages.train_user(model, history, cfg, expert_mix=mix, checkpointer=checkpointer)
+            r = stages.train_user(model, history, cfg, expert_mix=spec.user_mix, checkpointer=checkpointer)
             result.train_seconds, result.trainable_parameters = r.seconds, r.trainable_parameters
             result.epoch_losses = r.epoch_losses
-    stages.serving_mode(model, stage, expert_mix=mix or "lora_router")
+    stages.serving_mode(model, serves, expert_mix=spec.user_mix or ExpertMix.LORA_ROUTER)
     result.scored = {p: evaluate(model, task, queries, p) for p in protocols}
     return result
+
+
+def _llm_method(name: str) -> Method:
+    spec = method(name)
+    if not spec.uses_llm:
+        raise ConfigError(f"{name} is a label baseline (no model): the device computes it from labels")
+    return spec
 
 
 def personalize_user(
@@ -143,14 +139,14 @@ def personalize_user(
     on_trained(method, model) is called right after each user stage, before the next method resets it:
     the device stores its adapter there.
     """
-    unknown = [m for m in methods if m not in DEVICE_METHODS]
+    unknown = [m for m in methods if m not in METHODS or METHODS[m].kind is not Kind.DEVICE]
     if unknown:
-        raise ValueError(f"unknown device method(s) {unknown}; use {sorted(DEVICE_METHODS)}")
+        raise ConfigError(f"unknown device method(s) {unknown}; use {list(DEVICE_METHODS)}")
     out: dict[str, MethodResult] = {}
-    for method in methods:
-        ck = checkpointer_for(method) if checkpointer_for else None
-        out[method] = run_method(model, method, task, history, queries, cfg, ck, protocols)
-        if on_trained is not None and DEVICE_METHODS[method][1] is not None and history:
-            on_trained(method, model)
+    for name in methods:
+        ck = checkpointer_for(name) if checkpointer_for else None
+        out[name] = run_method(model, name, task, history, queries, cfg, ck, protocols)
+        if on_trained is not None and METHODS[name].trains_user_stage and history:
+            on_trained(name, model)
     torch.manual_seed(cfg.seed)
     return out

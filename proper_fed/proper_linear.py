@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proper_fed.config import AdapterConfig
+from proper_fed.methods import ExpertMix
 from proper_fed.routing import RoutingContext
 
 SCOPES = ("population", "group", "user")
@@ -84,21 +85,12 @@ class ProperLinear(nn.Module):
         w.copy_((w.double() + delta.to(w.device)).to(w.dtype))
         self.merged = True
 
-    def _mix_experts(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        # The experts' term on its own: x (..., in), gates (..., k) -> (..., out), all k experts in one matmul.
-        # `forward` computes the same term fused with the other adapters' matmuls.
-        k, r = self.k, self.r_g
-        xa = x @ self.lora_expert_A.reshape(k * r, -1).T  # (..., k*r)
-        xa = (xa.unflatten(-1, (k, r)) * gates.unsqueeze(-1)).flatten(-2)  # (..., k*r)
-        b = self.lora_expert_B.permute(0, 2, 1).reshape(k * r, -1)  # (k*r, out)
-        return self.s_g * (xa @ b)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         ctx = self.ctx
         pop = ctx.population and not self.merged
-        experts, user = ctx.experts != "none", ctx.user
-        need_xu = user or ctx.experts == "lora_router"
+        experts, user = ctx.experts != ExpertMix.NONE, ctx.user
+        need_xu = user or ctx.experts == ExpertMix.LORA_ROUTER
         if not (pop or experts or need_xu):
             return out
         k, r = self.k, self.r_g
@@ -118,18 +110,18 @@ class ProperLinear(nn.Module):
             a.append(self.lora_user_A)  # (r_u, in)
             if user:
                 b.append(self.s_u * self.lora_user_B)  # (out, r_u)
-        if ctx.experts == "user_router":
+        if ctx.experts == ExpertMix.USER_ROUTER:
             a.append(self.lora_router_x)  # (k, in)
         h = F.linear(x, torch.cat(a) if len(a) > 1 else a[0])  # (..., sum of rows)
         n_b = sum(w.shape[1] for w in b)
         coef = h[..., :n_b]  # (..., n_b): the columns that meet a B
         if experts:
             start = self.r_p if pop else 0
-            if ctx.experts == "user_router":
+            if ctx.experts == ExpertMix.USER_ROUTER:
                 assert ctx.user_emb is not None, "user_router needs ctx.user_emb"
                 e = F.linear(ctx.user_emb.to(self.lora_router_e.dtype), self.lora_router_e)  # (B, k)
                 logits = h[..., -k:] + e.view(e.shape[0], *([1] * (h.dim() - 2)), -1)
-            elif ctx.experts == "lora_router":
+            elif ctx.experts == ExpertMix.LORA_ROUTER:
                 xu = h[..., start + k * r : start + k * r + self.r_u]  # (..., r_u)
                 logits = F.linear(xu, self.lora_beta)  # (..., k)
             else:  # uniform

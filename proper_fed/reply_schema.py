@@ -28,14 +28,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from proper_fed.errors import ConfigError
+from proper_fed.methods import LABEL_BASELINES
 from proper_fed.metric_stats import PER_LABEL, label_key
 from proper_fed.scoring import PROTOCOLS, RANKABLE_TYPES, scored_name
 
 if TYPE_CHECKING:
     from proper_fed.data.task_spec import TaskSpec
 
-# Baselines a device computes from labels alone, for every task with a label set (classification, rating).
-LABEL_BASELINES = ("majority", "user_majority")
 LABELLED_TYPES = ("classification", "rating")
 COST_KEYS = ("train_s", "eval_s", "trainable_params")
 DEVICE_KEYS = ("history_len", "queries", "device_total_s")

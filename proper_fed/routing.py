@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-EXPERT_MIXES = ("none", "user_router", "lora_router", "uniform")
+from proper_fed.methods import ExpertMix, as_expert_mix
 
 
 @dataclass
@@ -23,15 +23,15 @@ class RoutingContext:
     """
 
     population: bool = False
-    experts: str = "none"
+    experts: ExpertMix = ExpertMix.NONE
     user: bool = False
     user_emb: torch.Tensor | None = None
     record: bool = False
     gates: list[torch.Tensor] = field(default_factory=list)
 
-    def set_mode(self, population: bool, experts: str, user: bool) -> None:
-        assert experts in EXPERT_MIXES, experts
-        self.population, self.experts, self.user = population, experts, user
+    def set_mode(self, population: bool, experts: ExpertMix | str, user: bool) -> None:
+        """ConfigError for an unknown expert mix."""
+        self.population, self.experts, self.user = population, as_expert_mix(experts), user
 
 
 def per_user_routing(gates: torch.Tensor, mask: torch.Tensor, user_idx: torch.Tensor) -> torch.Tensor:

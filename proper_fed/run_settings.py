@@ -16,7 +16,7 @@ from proper_fed.config import ProperConfig, _need
 from proper_fed.data import FederationSplit, load_dataset, split_federation
 from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic
 from proper_fed.errors import ConfigError
-from proper_fed.personalize import DEVICE_METHODS, VARIANT_METHODS
+from proper_fed.methods import DEVICE_METHODS, VARIANTS, Kind, unknown_names
 from proper_fed.scoring import PROTOCOLS, check_protocols
 
 SECTIONS = ("backbone", "adapters", "population", "group", "user")
@@ -68,10 +68,10 @@ class RunSettings:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in DEVICE_METHODS]
+        bad = unknown_names(self.methods, Kind.DEVICE)
         _need(not bad, "methods", ",".join(self.methods), f"use names from {sorted(DEVICE_METHODS)}")
-        bad = [v for v in self.variants if v not in VARIANT_METHODS]
-        _need(not bad, "variants", ",".join(self.variants), f"use names from {list(VARIANT_METHODS)}")
+        bad = unknown_names(self.variants, Kind.VARIANT)
+        _need(not bad, "variants", ",".join(self.variants), f"use names from {list(VARIANTS)}")
         bad = [p for p in self.scoring if p not in PROTOCOLS]
         ok = self.scoring and not bad and len(set(self.scoring)) == len(self.scoring)
         _need(

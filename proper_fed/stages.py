@@ -13,14 +13,16 @@ import torch
 
 from proper_fed.config import TrainConfig
 from proper_fed.distributed import Ranks, constraint_loss_across_ranks
+from proper_fed.errors import ConfigError
 from proper_fed.example import Example
+from proper_fed.methods import ExpertMix, Stage, as_expert_mix, as_stage
 from proper_fed.proper_model import ProperModel
 from proper_fed.routing import constraint_loss
 from proper_fed.trainer import Checkpointer, ExtraLoss, Shard, StageResult, run_stage, unknown_user_dropout
 
-# How the device-side stage mixes the frozen experts: PROPER's LoRA-aware router, the ablation's uniform mix,
-# or no experts at all (OPPU: population + a per-user LoRA).
-USER_EXPERT_MIXES = {"lora_router": "lora_router", "uniform": "uniform", "none": "none"}
+# How the device-side stage may mix the frozen experts: PROPER's LoRA-aware router, the ablation's uniform mix,
+# or no experts at all (OPPU: population + a per-user LoRA). The user-aware router needs a user table row.
+USER_EXPERT_MIXES = (ExpertMix.LORA_ROUTER, ExpertMix.UNIFORM, ExpertMix.NONE)
 
 
 def train_population(
@@ -62,7 +64,7 @@ def _group_like(
     ranks: Ranks | None,
 ) -> StageResult:
     model.set_users(ex.user_id for ex in examples)
-    model.set_mode(population=True, experts="user_router")
+    model.set_mode(population=True, experts=ExpertMix.USER_ROUTER)
     model.ctx.record = cfg.constraint_weight > 0
     trainable = model.set_trainable(scopes)
     return run_stage(
@@ -107,19 +109,18 @@ def train_user(
     model: ProperModel,
     examples: Sequence[Example],
     cfg: TrainConfig,
-    expert_mix: str = "lora_router",
+    expert_mix: ExpertMix | str = ExpertMix.LORA_ROUTER,
     checkpointer: Checkpointer | None = None,
 ) -> StageResult:
     """Stage 3, on one user's own history: a fresh user LoRA and LoRA-aware router over the frozen experts.
 
     expert_mix: "lora_router" (PROPER), "uniform" (ablation: experts mixed 1/k) or "none" (OPPU).
     """
-    if expert_mix not in USER_EXPERT_MIXES:
-        raise ValueError(f"expert_mix={expert_mix!r}; use one of {sorted(USER_EXPERT_MIXES)}")
+    mix = _user_mix(expert_mix)
     model.reset_user(cfg.seed)
-    model.set_mode(population=True, experts=USER_EXPERT_MIXES[expert_mix], user=True)
+    model.set_mode(population=True, experts=mix, user=True)
     trainable = model.set_trainable(["user"])
-    if expert_mix != "lora_router":  # the router is unused: do not count or update it
+    if mix is not ExpertMix.LORA_ROUTER:  # the router is unused: do not count or update it
         trainable = [p for n, p in model.scope_parameters("user").items() if not n.endswith("lora_beta")]
         model.set_trainable([])
         for p in trainable:
@@ -127,15 +128,23 @@ def train_user(
     return run_stage(model, examples, cfg, "user", trainable, checkpointer=checkpointer)
 
 
-def serving_mode(model: ProperModel, stage: str, expert_mix: str = "lora_router") -> None:
-    """Switch the adapters on for inference after `stage` ("base", "population", "group" or "user")."""
-    if stage == "base":
+def _user_mix(value: ExpertMix | str) -> ExpertMix:
+    mix = as_expert_mix(value)
+    if mix not in USER_EXPERT_MIXES:
+        raise ConfigError(f"expert_mix={value!r} in the user stage; use one of {list(USER_EXPERT_MIXES)}")
+    return mix
+
+
+def serving_mode(
+    model: ProperModel, serves: Stage | str, expert_mix: ExpertMix | str = ExpertMix.LORA_ROUTER
+) -> None:
+    """Switch the adapters on for inference after `serves` ("base", "population", "group" or "user")."""
+    after = as_stage(serves)
+    if after is Stage.BASE:
         model.set_mode()
-    elif stage == "population":
+    elif after is Stage.POPULATION:
         model.set_mode(population=True)
-    elif stage == "group":
-        model.set_mode(population=True, experts="user_router")
-    elif stage == "user":
-        model.set_mode(population=True, experts=USER_EXPERT_MIXES[expert_mix], user=True)
+    elif after is Stage.GROUP:
+        model.set_mode(population=True, experts=ExpertMix.USER_ROUTER)
     else:
-        raise ValueError(f"stage={stage!r}; use base, population, group or user")
+        model.set_mode(population=True, experts=_user_mix(expert_mix), user=True)

@@ -15,6 +15,7 @@ from proper_fed.config import ProperConfig
 from proper_fed.distributed import Ranks
 from proper_fed.errors import CheckpointError
 from proper_fed.example import Example
+from proper_fed.methods import PROPER, ServerChange, method
 from proper_fed.proper_model import ProperModel
 from proper_fed.trainer import FolderCheckpointer
 
@@ -34,17 +35,21 @@ class ServerModel:
 
 
 def variant_config(cfg: ProperConfig, variant: str) -> tuple[ProperConfig, bool]:
-    """The config of a server variant and whether it trains end to end."""
-    if variant.startswith("proper_k"):
-        return dataclasses.replace(
-            cfg, adapters=dataclasses.replace(cfg.adapters, num_experts=int(variant[8:]))
-        ), False
-    if variant == "proper_no_constraint":
-        return dataclasses.replace(cfg, group=dataclasses.replace(cfg.group, constraint_weight=0.0)), False
-    if variant == "proper_end_to_end":
+    """The config of a server variant (its `ServerChange` in the method registry) and whether it trains
+    end to end. PROPER itself (no change) gives `cfg` unchanged."""
+    change = method(variant).server or ServerChange()
+    if change.num_experts is not None:
+        cfg = dataclasses.replace(
+            cfg, adapters=dataclasses.replace(cfg.adapters, num_experts=change.num_experts)
+        )
+    if change.constraint_weight is not None:
+        cfg = dataclasses.replace(
+            cfg, group=dataclasses.replace(cfg.group, constraint_weight=change.constraint_weight)
+        )
+    if change.end_to_end:
         joint = dataclasses.replace(cfg.group, epochs=cfg.population.epochs + cfg.group.epochs)
-        return dataclasses.replace(cfg, group=joint), True
-    return cfg, False
+        cfg = dataclasses.replace(cfg, group=joint)
+    return cfg, change.end_to_end
 
 
 def _stage_done(folder: Path, scope: str) -> bool:
@@ -67,7 +72,7 @@ def train_server_model(
     examples: list[Example],
     cfg: ProperConfig,
     folder: Path,
-    name: str = "proper",
+    name: str = PROPER,
     end_to_end: bool = False,
     population_from: Path | None = None,
     ranks: Ranks | None = None,
@@ -76,37 +81,11 @@ def train_server_model(
     With `ranks`, every rank calls this and trains its shard of each batch; rank 0 writes the files."""
     folder.mkdir(parents=True, exist_ok=True)
     model = ProperModel(backbone, cfg.adapters, seed=cfg.population.seed)
-    metrics: dict[str, float] = {}
     try:
         if end_to_end:
-            if _stage_done(folder, "group") and _stage_done(folder, "population"):
-                model.load_scope("population", folder)
-                model.load_scope("group", folder)
-            else:
-                r = stages.train_end_to_end(
-                    model, examples, cfg.group, FolderCheckpointer(folder, "end_to_end"), ranks
-                )
-                metrics.update(_stage_metrics("end_to_end", r))
-                _save_scope(model, "population", folder, ranks)
-                _save_scope(model, "group", folder, ranks)
+            metrics = _end_to_end(model, examples, cfg, folder, ranks)
         else:
-            pop_folder = population_from or folder
-            if _stage_done(pop_folder, "population"):
-                model.load_scope("population", pop_folder)
-                if pop_folder != folder:  # each variant folder holds its whole server model
-                    _save_scope(model, "population", folder, ranks)
-            else:
-                r = stages.train_population(
-                    model, examples, cfg.population, FolderCheckpointer(folder, "population"), ranks
-                )
-                metrics.update(_stage_metrics("population", r))
-                _save_scope(model, "population", folder, ranks)
-            if _stage_done(folder, "group"):
-                model.load_scope("group", folder)
-            else:
-                r = stages.train_group(model, examples, cfg.group, FolderCheckpointer(folder, "group"), ranks)
-                metrics.update(_stage_metrics("group", r))
-                _save_scope(model, "group", folder, ranks)
+            metrics = _progressive(model, examples, cfg, folder, population_from or folder, ranks)
         saved = _record_metrics(folder, metrics) if ranks is None or ranks.is_main else metrics
         return ServerModel(
             name,
@@ -120,6 +99,49 @@ def train_server_model(
         raise CheckpointError(f"{err} (server state in {folder}: delete it to retrain from scratch)") from err
     finally:
         model.remove()
+
+
+def _end_to_end(
+    model: ProperModel, examples: list[Example], cfg: ProperConfig, folder: Path, ranks: Ranks | None
+) -> dict[str, float]:
+    """The ablation's joint stage, or its saved result."""
+    if _stage_done(folder, "group") and _stage_done(folder, "population"):
+        model.load_scope("population", folder)
+        model.load_scope("group", folder)
+        return {}
+    r = stages.train_end_to_end(model, examples, cfg.group, FolderCheckpointer(folder, "end_to_end"), ranks)
+    _save_scope(model, "population", folder, ranks)
+    _save_scope(model, "group", folder, ranks)
+    return _stage_metrics("end_to_end", r)
+
+
+def _progressive(
+    model: ProperModel,
+    examples: list[Example],
+    cfg: ProperConfig,
+    folder: Path,
+    pop_folder: Path,
+    ranks: Ranks | None,
+) -> dict[str, float]:
+    """Stage 1 (or PROPER's, from `pop_folder`), then stage 2; a finished stage is loaded, not retrained."""
+    metrics: dict[str, float] = {}
+    if _stage_done(pop_folder, "population"):
+        model.load_scope("population", pop_folder)
+        if pop_folder != folder:  # each variant folder holds its whole server model
+            _save_scope(model, "population", folder, ranks)
+    else:
+        r = stages.train_population(
+            model, examples, cfg.population, FolderCheckpointer(folder, "population"), ranks
+        )
+        metrics.update(_stage_metrics("population", r))
+        _save_scope(model, "population", folder, ranks)
+    if _stage_done(folder, "group"):
+        model.load_scope("group", folder)
+    else:
+        r = stages.train_group(model, examples, cfg.group, FolderCheckpointer(folder, "group"), ranks)
+        metrics.update(_stage_metrics("group", r))
+        _save_scope(model, "group", folder, ranks)
+    return metrics
 
 
 def _record_metrics(folder: Path, metrics: dict[str, float]) -> dict[str, float]:
@@ -150,11 +172,11 @@ def train_all(
 ) -> dict[str, ServerModel]:
     """PROPER's server stages and every requested ablation; variants reuse PROPER's population stage.
     With `ranks`: data-parallel, every rank calls this; rank 0's return value is the result."""
-    out = {"proper": train_server_model(backbone, examples, cfg, state / "proper", ranks=ranks)}
+    out = {PROPER: train_server_model(backbone, examples, cfg, state / PROPER, ranks=ranks)}
     for variant in variants:
         vcfg, e2e = variant_config(cfg, variant)
         if vcfg == cfg and not e2e:
-            out[variant] = dataclasses.replace(out["proper"], name=variant)
+            out[variant] = dataclasses.replace(out[PROPER], name=variant)
             continue
         log.info("variant %s", variant)
         out[variant] = train_server_model(
@@ -164,7 +186,7 @@ def train_all(
             state / variant,
             variant,
             e2e,
-            population_from=None if e2e else state / "proper",
+            population_from=None if e2e else state / PROPER,
             ranks=ranks,
         )
     return out

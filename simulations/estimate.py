@@ -75,7 +75,7 @@ def _tokens(lengths: Sequence[int], batch_size: int) -> int:
 def count_work(settings, split, lengths_of) -> Work:
     """`lengths_of(examples, max_length)` gives each example's token count as training encodes it."""
     from proper_fed.data import device_eval_examples, device_training_examples, server_training_examples
-    from proper_fed.personalize import DEVICE_METHODS
+    from proper_fed.methods import METHODS
 
     cfg = settings.proper
     server = lengths_of(server_training_examples(split), cfg.population.max_length)
@@ -84,9 +84,9 @@ def count_work(settings, split, lengths_of) -> Work:
     epochs = cfg.population.epochs * per_epoch_p + cfg.group.epochs * per_epoch_g
     for variant in settings.variants:  # each is another group stage (end-to-end: both stages again)
         epochs += cfg.group.epochs * per_epoch_g
-        if variant == "proper_end_to_end":
+        if METHODS[variant].server.end_to_end:
             epochs += cfg.population.epochs * per_epoch_g
-    trained = [m for m in settings.methods if DEVICE_METHODS[m][1] is not None] + list(settings.variants)
+    trained = [m for m in (*settings.methods, *settings.variants) if METHODS[m].trains_user_stage]
     evaluated = len(settings.methods) + len(settings.variants)
     protocols = tuple(getattr(settings, "scoring", ("generate",)))
     candidates = len(split.task.labels) or 1  # rating tasks list their scale as labels

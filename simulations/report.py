@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from proper_fed.atomic import atomic_write_text
+from proper_fed.methods import METHODS, REPORT_ORDER
+from proper_fed.metric_stats import PRIMARY_METRIC
 
-ORDER = (
-    "majority",
-    "user_majority",
-    "zero_shot",
-    "population",
-    "oppu",
-    "proper_group",
-    "proper_no_lora_router",
-    "proper",
-    "proper_end_to_end",
-    "proper_no_constraint",
-    "proper_k2",
-    "proper_k5",
-    "proper_k8",
-)
-DESCRIBE = {
-    "majority": "most frequent label of the server's pooled data (no LLM)",
-    "user_majority": "the user's own most frequent label (no LLM)",
-    "zero_shot": "the backbone alone",
-    "population": "stage 1: one LoRA on all server users",
-    "oppu": "population + a per-user LoRA, no groups (OPPU)",
-    "proper_group": "stages 1-2, device users through the unknown-user embedding",
-    "proper_no_lora_router": "user LoRA over uniformly mixed experts (ablation)",
-    "proper": "PROPER: all three stages",
-    "proper_end_to_end": "stage 1-2 modules trained jointly, then stage 3 (ablation)",
-    "proper_no_constraint": "PROPER with lambda = 0 (ablation)",
-}
-PRIMARY = {"classification": ("accuracy", True), "rating": ("mae", False), "generation": ("rougeL", True)}
+PRIMARY = PRIMARY_METRIC  # task type -> (metric, higher is better)
+NO_LLM = tuple(name for name, m in METHODS.items() if not m.uses_llm)
 PROTOCOLS = {
     "generate": "LaMP's protocol: the greedy answer, parsed (parse rate: the share of answers naming a valid "
     "label or number)",
     "rank": "the label with the highest log-likelihood under the model (the standard protocol for small models)",
 }
-NO_LLM = ("majority", "user_majority")
 
 
 def protocols(results: dict) -> list[str]:
@@ -72,7 +46,7 @@ def relative_gain(before: float, after: float, higher_better: bool) -> float:
 
 def ordered_methods(results: dict) -> list[str]:
     names = list(results["methods"])
-    return [m for m in ORDER if m in names] + sorted(m for m in names if m not in ORDER)
+    return [m for m in REPORT_ORDER if m in names] + sorted(m for m in names if m not in REPORT_ORDER)
 
 
 def table(results: dict) -> str:
@@ -194,7 +168,7 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
         f"**{answered}.** {users['server']} server users (stages 1-2), {users['devices']} device users "
         f"(stage 3 on their own history, scored on their own held-out queries).",
         "",
-        *(f"- `{k}`: {v}" for k, v in DESCRIBE.items() if k in results["methods"]),
+        *(f"- `{k}`: {m.describe}" for k, m in METHODS.items() if m.describe and k in results["methods"]),
         "",
         *_missing(results),
         *_protocol_sections(results, metric),
@@ -217,7 +191,3 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
     if plots:
         lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
-
-
-def load_results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())

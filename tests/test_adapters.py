@@ -89,16 +89,24 @@ def test_loading_into_a_model_with_other_ranks_fails_clearly(tiny_backbone, tmp_
 
 
 def test_batched_experts_match_a_loop_over_experts(tiny_backbone):
+    """The fused forward's expert term (all k experts in one matmul) equals a loop over the experts, weighted
+    by the routing weights that same forward recorded."""
     model = fresh_model(tiny_backbone)
     _randomize(model, ["group"])
     layer = next(iter(model.layers.values()))
     x = torch.randn(2, 5, layer.in_features)
-    gates = torch.softmax(torch.randn(2, 5, layer.k), -1)
+    model.set_mode(experts="user_router")
+    model.ctx.user_emb = torch.randn(2, model.cfg.user_embedding_dim)
+    model.ctx.record, model.ctx.gates = True, []
+    with torch.no_grad():
+        delta = layer(x) - layer.base(x)  # (2, 5, out)
+    gates = model.ctx.gates[-1]  # (2, 5, k)
+    model.ctx.record, model.ctx.gates = False, []
     want = sum(
         gates[..., i : i + 1] * layer.s_g * (x @ layer.lora_expert_A[i].T @ layer.lora_expert_B[i].T)
         for i in range(layer.k)
     )
-    torch.testing.assert_close(layer._mix_experts(x, gates), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unseen_users_get_the_unknown_user_row(tiny_backbone):
