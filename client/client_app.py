@@ -7,8 +7,9 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.device import (
@@ -22,10 +23,12 @@ from client.device import (
     store_for,
     write_local_predictions,
 )
-from client.privacy_guard import privacy_guard
+from client.privacy_guard import error_reply, privacy_guard
+from proper_fed import wire
 from proper_fed.base_store import find_base
 from proper_fed.errors import ProperFedError, public_error
 from proper_fed.run_settings import RunSettings
+from proper_fed.wire import QUERY_BASE, TRAIN_USER
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -34,63 +37,34 @@ if os.environ.get("PROPER_FED_THREADS"):
     torch.set_num_threads(int(os.environ["PROPER_FED_THREADS"]))
 
 
-def _arrays(record: ArrayRecord) -> dict:
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
 def _error(msg: Message, err: BaseException) -> Message:
     """The only error reply a device sends: a code and its fixed message, never the exception's text."""
-    code, message = public_error(err)
-    return Message(error=Error(code=code, reason=message), reply_to=msg)
+    return error_reply(msg, *public_error(err))
 
 
-@app.query("base")
+@app.query(QUERY_BASE.name)
 def has_base(msg: Message, context: Context) -> Message:
-    digest = str(msg.content["base"]["hash"])
+    probe = msg.content[wire.BASE_PROBE]
     extra = tuple(str(context.node_config[k]) for k in ("base-folder",) if k in context.node_config)
-    model_id = str(msg.content["base"].get("model", ""))
     try:
-        found = find_base(digest, extra, model_id) is not None
+        found = find_base(str(probe[wire.PROBE_HASH]), extra, str(probe.get(wire.PROBE_MODEL, "")))
     except Exception as err:  # Flower's own error reply would carry the text (a local path)
         log.exception("looking for the base failed")
         return _error(msg, err)
-    return Message(RecordDict({"base": MetricRecord({"has-base": int(found)})}), reply_to=msg)
+    return Message(
+        RecordDict({wire.BASE_PROBE: MetricRecord({wire.HAS_BASE: int(found is not None)})}), reply_to=msg
+    )
 
 
-@app.train("user", mods=[privacy_guard])
+@app.train(TRAIN_USER.name, mods=[privacy_guard])
 def train_user(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     try:
-        settings = RunSettings.from_run_config(dict(context.run_config))
-        node = dict(context.node_config)
-        if settings.device_outputs:
-            note_partition(settings.device_outputs, node, context.node_id)
-        bundle = receive_bundle(
-            _arrays(msg.content["bundle-arrays"]), dict(msg.content["bundle-config"]), settings, node
-        )
-        base = msg.content.get("base-arrays")
-        folder = base_folder(
-            bundle,
-            node,
-            _arrays(base) if base is not None else None,
-            dict(msg.content["base-files"]) if base is not None else None,
-            str(msg.content["base-meta"]["dtypes"]) if base is not None else "",
-        )
-        me = device_user(settings, node)
-        backbone = load_device_backbone(folder, settings)
-        run = msg.content["run"]
-        store = store_for(node, context.node_id)
-        numbers, predictions = personalize_device(
-            me,
-            bundle,
-            backbone,
-            settings,
-            store,
-            str(run["majority-label"]) if "majority-label" in run else None,
-        )
-        keep_bundle(bundle, store)
-        if settings.device_outputs:
-            write_local_predictions(settings.device_outputs, me, predictions, context.node_id)
+        numbers = _personalize(msg, context)
     except ProperFedError as err:
         # The detail (user ids, field values, paths) stays in this device's log; the server gets a fixed text.
         log.error("user stage refused (%s): %s", type(err).__name__, err)
@@ -99,4 +73,38 @@ def train_user(msg: Message, context: Context) -> Message:
         log.exception("user stage failed unexpectedly")
         return _error(msg, err)
     numbers["device_total_s"] = time.perf_counter() - t0
-    return Message(RecordDict({"metrics": MetricRecord(numbers)}), reply_to=msg)
+    return Message(RecordDict({wire.METRICS: MetricRecord(numbers)}), reply_to=msg)
+
+
+def _personalize(msg: Message, context: Context) -> dict[str, float]:
+    """One train.user message: verify the bundle, get the base, run every method on this device's user,
+    keep the bundle (and, in simulation, the predictions); the numbers to reply with."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    node = dict(context.node_config)
+    if settings.device_outputs:
+        note_partition(settings.device_outputs, node, context.node_id)
+    content = msg.content
+    bundle = receive_bundle(
+        _arrays(content[wire.BUNDLE_ARRAYS]), dict(content[wire.BUNDLE_CONFIG]), settings, node
+    )
+    folder = base_folder(bundle, node, *_received_base(content))
+    me = device_user(settings, node)
+    backbone = load_device_backbone(folder, settings)
+    store = store_for(node, context.node_id)
+    ranking = content[wire.RUN].get(wire.RUN_LABEL_RANKING)
+    numbers, predictions = personalize_device(
+        me, bundle, backbone, settings, store, None if ranking is None else [str(r) for r in ranking]
+    )
+    keep_bundle(bundle, store)
+    if settings.device_outputs:
+        write_local_predictions(settings.device_outputs, me, predictions, context.node_id)
+    return numbers
+
+
+def _received_base(content: RecordDict) -> tuple[dict[str, np.ndarray] | None, dict[str, bytes] | None, str]:
+    """(arrays, side files, dtype table) of the base the server sent, or (None, None, "") when it sent none."""
+    arrays = content.get(wire.BASE_ARRAYS)
+    if arrays is None:
+        return None, None, ""
+    meta = content[wire.BASE_META]
+    return _arrays(arrays), dict(content[wire.BASE_FILES]), str(meta[wire.META_DTYPES])

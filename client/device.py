@@ -7,36 +7,38 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from client.store import AdapterStore
 from proper_fed import crypto
 from proper_fed.backbone import Backbone, cache_dir, load_backbone
 from proper_fed.base_store import find_base, store_base
-from proper_fed.bundle import Bundle, bundle_from_records, save_bundle, tensor_from_numpy, verify_bundle
+from proper_fed.bundle import Bundle, bundle_from_records, save_bundle, verify_bundle
 from proper_fed.config import AdapterConfig, BackboneConfig
 from proper_fed.data import device_eval_examples, device_training_examples, load_dataset
-from proper_fed.data.baselines import has_label_baselines
+from proper_fed.data.baselines import has_label_baselines, user_majority_label
 from proper_fed.data.task_spec import TaskSpec
 from proper_fed.data.types import User
 from proper_fed.errors import BundleError, ConfigError
+from proper_fed.example import Example
+from proper_fed.methods import METHODS, PROPER
 from proper_fed.metric_stats import query_stats
-from proper_fed.personalize import DEVICE_METHODS, MethodResult, Scored, personalize_user, run_method
+from proper_fed.personalize import MethodResult, Scored, personalize_user, run_method
 from proper_fed.proper_model import ProperModel
 from proper_fed.run_settings import DEVICE_NODES_DIR, RunSettings, load_split
 from proper_fed.scoring import check_protocols, scored_answer, scored_name
+from proper_fed.trainer import Checkpointer
+from proper_fed.wire import decode_tensors, read_variant_entry, tensor_group
 
 log = logging.getLogger(__name__)
 
 _BACKBONES: dict[tuple[str, str], Backbone] = {}  # one loaded base per process, reused across users
-BUNDLE_DIR = "bundle"
-NODES_DIR = "_nodes"  # <device-outputs>/_nodes/<node id>.json: a virtual device's partition (simulation only)  # <store>/bundle: the verified bundle the stored adapters were trained on
+BUNDLE_DIR = "bundle"  # <store>/bundle: the verified bundle the stored adapters were trained on
 
 
 @dataclass(frozen=True)
@@ -127,15 +129,11 @@ def base_folder(
     base_files: Mapping[str, bytes] | None,
     dtypes: str = "",
 ) -> Path:
-    """A local folder holding exactly the base the bundle was built on (received now, or found locally)."""
+    """A local folder holding exactly the base the bundle was built on (received now, or found locally).
+    `dtypes`: the tensor codec's dtype table of `base_arrays` (`wire.decode_tensors`)."""
     digest = bundle.base_content_hash
     if base_arrays is not None:
-        types = dict(kv.split("=", 1) for kv in dtypes.split(",") if kv)
-        state = {
-            k: tensor_from_numpy(v, getattr(torch, types.get(k, str(v.dtype))))
-            for k, v in base_arrays.items()
-        }
-        return store_base(digest, state, dict(base_files or {}))
+        return store_base(digest, decode_tensors(base_arrays, dtypes), dict(base_files or {}))
     extra = tuple(str(node_config[k]) for k in ("base-folder",) if k in node_config)
     folder = find_base(digest, extra, bundle.base_model_id)
     if folder is None:
@@ -156,13 +154,13 @@ def load_device_backbone(folder: Path, settings: RunSettings) -> Backbone:
 
 
 def server_model(backbone: Backbone, bundle: Bundle, variant: str) -> ProperModel:
-    """The frozen population + group stages of one server variant on this device's base."""
-    info = bundle.manifest["adapter_config"][variant]
-    model = ProperModel(backbone, AdapterConfig.from_dict(info["adapters"]))
-    # The server's user ids never ship: the device only needs the table's size; its own user is unknown to it.
-    meta = {"user_index": {f"#{i}": i for i in range(1, int(info["user_rows"]))}}
-    model.load_scope_state_dict("population", bundle.tensors[f"{variant}.population"])
-    model.load_scope_state_dict("group", bundle.tensors[f"{variant}.group"], meta)
+    """The frozen population + group stages of one server variant on this device's base. The server's user
+    ids never ship, only its user table's size: this device's user is unknown to the table (row 0)."""
+    adapters, user_rows = read_variant_entry(bundle.manifest, variant)
+    model = ProperModel(backbone, AdapterConfig.from_dict(adapters))
+    model.load_scope_state_dict("population", bundle.tensors[tensor_group(variant, "population")])
+    model.resize_user_table(user_rows)
+    model.load_scope_state_dict("group", bundle.tensors[tensor_group(variant, "group")])
     return model
 
 
@@ -185,11 +183,62 @@ def _stage_key(method: str, bundle_tag: str) -> str:
     return hashlib.sha256(f"{method}:{bundle_tag}".encode()).hexdigest()[:24]
 
 
-def _resumable(store: AdapterStore, user_id: str, method: str, tag: str):
-    ck = store.checkpointer(user_id, _stage_key(method, tag))
-    if ck.path.is_file():
-        log.warning("%s: resuming from its encrypted checkpoint in the store", method)
-    return ck
+def bundle_tag(bundle: Bundle) -> str:
+    """A short name of the bundle's tensors, for its checkpoints."""
+    digests = json.dumps(bundle.manifest["tensor_sha256"], sort_keys=True)
+    return hashlib.sha256(digests.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DeviceJob:
+    """One device user's inputs to every method: its history, its scored queries, where to keep state."""
+
+    me: DeviceUser
+    bundle: Bundle
+    backbone: Backbone
+    settings: RunSettings
+    store: AdapterStore
+    history: list[Example]
+    queries: list[Example]
+
+    @property
+    def user_id(self) -> str:
+        return self.me.user.user_id
+
+    def checkpointer(self, method: str) -> Checkpointer:
+        """The method's user-stage checkpoint under this bundle, in the encrypted store."""
+        ck = self.store.checkpointer(self.user_id, _stage_key(method, bundle_tag(self.bundle)))
+        if ck.path.is_file():
+            log.warning("%s: resuming from its encrypted checkpoint in the store", method)
+        return ck
+
+
+@dataclass
+class DeviceOutcome:
+    """What the device reports (numbers, each `<name>.<stat>`) and keeps (answers by reported name)."""
+
+    protocols: tuple[str, ...]
+    numbers: dict[str, float]
+    predictions: dict[str, Scored] = field(default_factory=dict)
+
+    def keep(self, method: str, result: MethodResult) -> None:
+        """One training, evaluated under each protocol: `<method>` or `<method>@<protocol>`."""
+        for protocol, scored in result.scored.items():
+            name = scored_name(method, protocol, self.protocols)
+            self.numbers.update({f"{name}.{k}": float(v) for k, v in scored.stats.items()})
+            self.numbers.update(
+                {
+                    f"{name}.train_s": result.train_seconds,
+                    f"{name}.eval_s": scored.seconds,
+                    f"{name}.trainable_params": float(result.trainable_parameters),
+                }
+            )
+            self.predictions[name] = scored
+
+    def keep_baseline(self, name: str, scored: Scored) -> None:
+        """A label baseline: no model, no protocol suffix, no cost."""
+        self.numbers.update({f"{name}.{k}": float(v) for k, v in scored.stats.items()})
+        self.predictions[name] = scored
 
 
 def personalize_device(
@@ -198,96 +247,101 @@ def personalize_device(
     backbone: Backbone,
     settings: RunSettings,
     store: AdapterStore,
-    majority: str | None,
+    ranking: Sequence[str] | None,
 ) -> tuple[dict[str, float], dict[str, Scored]]:
     """All methods for this device's user under every scoring protocol: numbers to send, and the answers to
-    keep, by the name they are reported under (`proper`, `proper@rank`, ...)."""
-    task, user = me.task, me.user
-    protocols = settings.scoring
-    check_protocols(task, protocols)
-    history = device_training_examples(task, user)
-    queries = device_eval_examples(task, user)
+    keep, by the name they are reported under (`proper`, `proper@rank`, ...). `ranking`: the server users'
+    label ranking (`data.baselines.label_ranking`) for the label baselines, None when the task has none."""
+    job = _device_job(me, bundle, backbone, settings, store)
+    history_len, n_queries = float(len(me.user.profile)), float(len(job.queries))
+    out = DeviceOutcome(settings.scoring, {"history_len": history_len, "queries": n_queries})
+    for method, result in _device_methods(job).items():
+        out.keep(method, result)
+    for variant in settings.variants:
+        out.keep(variant, _variant_method(job, variant))
+    _drop_checkpoints(job, (*settings.methods, *settings.variants))
+    if has_label_baselines(me.task):  # not LaMP-1: labels, but no labelled history
+        for name, scored in label_baselines(me.task, me.user, job.queries, ranking or ()).items():
+            out.keep_baseline(name, scored)
+    return out.numbers, out.predictions
+
+
+def _device_job(
+    me: DeviceUser, bundle: Bundle, backbone: Backbone, settings: RunSettings, store: AdapterStore
+) -> DeviceJob:
+    check_protocols(me.task, settings.scoring)
+    history = device_training_examples(me.task, me.user)
+    queries = device_eval_examples(me.task, me.user)
     if not queries:
         raise ConfigError(
-            f"user has no query with a gold answer to evaluate on ({len(user.queries)} queries)"
+            f"user has no query with a gold answer to evaluate on ({len(me.user.queries)} queries)"
         )
-    bundle_id = bundle.manifest["tensor_sha256"]
-    tag = hashlib.sha256(json.dumps(bundle_id, sort_keys=True).encode()).hexdigest()[:12]
-    cfg = settings.proper.user
-    numbers: dict[str, float] = {"history_len": float(len(user.profile)), "queries": float(len(queries))}
-    predictions: dict[str, Scored] = {}
+    return DeviceJob(me, bundle, backbone, settings, store, list(history), list(queries))
 
-    def keep(method: str, result: MethodResult) -> None:
-        for protocol, scored in result.scored.items():  # one training, evaluated under each protocol
-            name = scored_name(method, protocol, protocols)
-            numbers.update({f"{name}.{k}": float(v) for k, v in scored.stats.items()})
-            numbers.update(
-                {
-                    f"{name}.train_s": result.train_seconds,
-                    f"{name}.eval_s": scored.seconds,
-                    f"{name}.trainable_params": float(result.trainable_parameters),
-                }
-            )
-            predictions[name] = scored
+
+def _device_methods(job: DeviceJob) -> dict[str, MethodResult]:
+    """The run's device methods on PROPER's server model; PROPER's user adapter is kept in the store."""
 
     def save_adapter(method: str, model: ProperModel) -> None:
-        if method == "proper":
-            store.save_adapter(
-                user.user_id,
-                model.scope_state_dict("user"),
-                {"bundle": bundle_id, "variant": "proper", "base": bundle.base_content_hash},
-            )
+        if method == PROPER:
+            bundle = job.bundle
+            meta = {
+                "bundle": bundle.manifest["tensor_sha256"],
+                "variant": PROPER,
+                "base": bundle.base_content_hash,
+            }
+            job.store.save_adapter(job.user_id, model.scope_state_dict("user"), meta)
 
-    model = server_model(backbone, bundle, "proper")
+    model = server_model(job.backbone, job.bundle, PROPER)
     try:
-        results = personalize_user(
+        return personalize_user(
             model,
-            settings.methods,
-            task,
-            history,
-            queries,
-            cfg,
-            checkpointer_for=lambda m: _resumable(store, user.user_id, m, tag),
+            job.settings.methods,
+            job.me.task,
+            job.history,
+            job.queries,
+            job.settings.proper.user,
+            checkpointer_for=job.checkpointer,
             on_trained=save_adapter,
-            protocols=protocols,
+            protocols=job.settings.scoring,
         )
     finally:
         model.remove()
-    for method, result in results.items():
-        keep(method, result)
-    for variant in settings.variants:
-        model = server_model(backbone, bundle, variant)
-        try:
-            keep(
-                variant,
-                run_method(
-                    model,
-                    variant,
-                    task,
-                    history,
-                    queries,
-                    cfg,
-                    store.checkpointer(user.user_id, _stage_key(variant, tag)),
-                    protocols,
-                ),
-            )
-        finally:
-            model.remove()
-    for method in (*settings.methods, *settings.variants):
-        if DEVICE_METHODS.get(method, ("", "x"))[1] is not None:
-            store.checkpointer(user.user_id, _stage_key(method, tag)).path.unlink(missing_ok=True)
-    if has_label_baselines(task):  # not LaMP-1: labels, but no labelled history
-        golds = [q.target for q in queries]
-        own = [it.fields.get(task.output_field) for it in user.profile]
-        own = [str(x) for x in own if x is not None]
-        mine = max(sorted(set(own)), key=own.count) if own else (majority or "")
-        for method, label in (("majority", majority or ""), ("user_majority", mine)):
-            stats = query_stats(task, [label] * len(golds), golds)
-            numbers.update({f"{method}.{k}": float(v) for k, v in stats.items()})
-            predictions[method] = Scored(
-                stats, [scored_answer(task, label)] * len(golds), [label] * len(golds)
-            )
-    return numbers, predictions
+
+
+def _variant_method(job: DeviceJob, variant: str) -> MethodResult:
+    """PROPER's user stage on a server variant's group model."""
+    model = server_model(job.backbone, job.bundle, variant)
+    try:
+        cfg, task = job.settings.proper.user, job.me.task
+        ck = job.checkpointer(variant)
+        return run_method(model, variant, task, job.history, job.queries, cfg, ck, job.settings.scoring)
+    finally:
+        model.remove()
+
+
+def _drop_checkpoints(job: DeviceJob, methods: Sequence[str]) -> None:
+    """Every user stage finished: its checkpoints are no longer needed."""
+    for name in methods:
+        if METHODS[name].trains_user_stage:
+            ck = job.store.checkpointer(job.user_id, _stage_key(name, bundle_tag(job.bundle)))
+            ck.path.unlink(missing_ok=True)
+
+
+def label_baselines(
+    task: TaskSpec, user: User, queries: Sequence[Example], ranking: Sequence[str]
+) -> dict[str, Scored]:
+    """majority and user_majority on this user's queries, by the one rule of `data.baselines`."""
+    golds = [q.target for q in queries]
+    labels = {
+        "majority": ranking[0] if ranking else "",
+        "user_majority": user_majority_label(task, user, ranking),
+    }
+    out = {}
+    for name, label in labels.items():
+        stats = query_stats(task, [label] * len(golds), golds)
+        out[name] = Scored(stats, [scored_answer(task, label)] * len(golds), [label] * len(golds))
+    return out
 
 
 def note_partition(folder: str, node_config: Mapping[str, Any], node_id: int) -> None:

@@ -21,10 +21,11 @@ from flwr.app import Context, Error, Message, MetricRecord
 from proper_fed.errors import ERROR_TABLE, PrivacyError, public_error
 from proper_fed.reply_schema import ReplySchema, run_reply_schema
 from proper_fed.run_settings import RunSettings
+from proper_fed.wire import METRICS
 
 log = logging.getLogger(__name__)
 
-ALLOWED_RECORD = "metrics"
+ALLOWED_RECORD = METRICS
 PRIVACY_ERROR_CODE = PrivacyError.code
 # Node-config keys that can change the task; the rest (partition id, store, keys) cannot change the schema.
 _TASK_NODE_KEYS = ("data-path", "task")

@@ -9,8 +9,8 @@ Two serializations:
 - a directory (`save_bundle` / `load_bundle`): `manifest.json` (the signed bytes), `manifest.sig` (base64),
   one `<group>.safetensors` per tensor group (the hashed bytes, so `sha256sum` matches the manifest);
 - Flower records (`bundle_to_records` / `bundle_from_records`): numpy arrays keyed `<group>/<tensor name>`
-  plus string config. dtypes numpy lacks (bfloat16, float8) travel as same-width integer views, their torch
-  dtype recorded in the config, and come back bit-exact.
+  plus string config, through the one tensor codec of `wire.py` (dtypes numpy lacks travel as same-width
+  integer views, their torch dtype in a JSON table in the config, and come back bit-exact).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from proper_fed import crypto
 from proper_fed.atomic import staged_dir
 from proper_fed.errors import BundleError
+from proper_fed.wire import decode_tensors, encode_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,6 @@ _REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
 # Group names become file names and record-key prefixes: keep them boring.
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-# numpy (and therefore Flower's ArrayRecord) has no such dtypes: ship the bits as a same-width integer.
-_BIT_VIEWS: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.int16}
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
-    if hasattr(torch, _name):
-        _BIT_VIEWS[getattr(torch, _name)] = torch.uint8
 
 
 @dataclass(frozen=True)
@@ -333,57 +328,20 @@ def _b64decode(text: str, *, where: str) -> bytes:
 # ---- Flower record form ----
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise BundleError(f"bundle records name an unknown torch dtype {name!r}")
-    return dtype
-
-
-def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy array carrying `t`'s exact bits; dtypes numpy lacks become same-width integer views."""
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype in _BIT_VIEWS:
-        t = t.view(_BIT_VIEWS[t.dtype])
-    return t.numpy()
-
-
-def tensor_from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `tensor_to_numpy`: the tensor of `dtype` whose bits `array` holds."""
-    # A private, writable copy: Flower hands out read-only views of its message buffers.
-    t = torch.from_numpy(np.array(array, copy=True, order="C"))
-    if dtype in _BIT_VIEWS:
-        if t.dtype != _BIT_VIEWS[dtype]:
-            raise BundleError(
-                f"a {_dtype_name(dtype)} tensor must arrive as {_BIT_VIEWS[dtype]}, got {t.dtype}"
-            )
-        return t.view(dtype)
-    if t.dtype != dtype:
-        raise BundleError(f"record array has dtype {t.dtype} but the bundle says {_dtype_name(dtype)}")
-    return t
-
-
 def bundle_to_records(bundle: Bundle) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Flatten `bundle` into arrays for a Flower `ArrayRecord` and strings for a `ConfigRecord`.
 
     Wrap as `ArrayRecord({k: Array(v) for k, v in arrays.items()})` and `ConfigRecord(config)`.
     """
     _check_group_names(bundle.tensors)
-    arrays: dict[str, np.ndarray] = {}
-    dtypes: dict[str, str] = {}
-    for group, sd in bundle.tensors.items():
-        for name, t in sd.items():
-            key = f"{group}{_RECORD_SEP}{name}"
-            arrays[key] = tensor_to_numpy(t)
-            dtypes[key] = _dtype_name(t.dtype)
+    flat = {
+        f"{group}{_RECORD_SEP}{name}": t for group, sd in bundle.tensors.items() for name, t in sd.items()
+    }
+    arrays, dtypes = encode_tensors(flat)
     config = {
         RECORD_MANIFEST: canonical_json(bundle.manifest).decode("ascii"),
         RECORD_SIGNATURE: base64.b64encode(bundle.signature).decode("ascii") if bundle.signature else "",
-        RECORD_DTYPES: json.dumps(dtypes, sort_keys=True, separators=(",", ":")),
+        RECORD_DTYPES: dtypes,
     }
     return arrays, config
 
@@ -395,27 +353,21 @@ def bundle_from_records(arrays: Mapping[str, np.ndarray], config: Mapping[str, s
         raise BundleError(f"bundle records lack config keys {missing}; the message does not carry a bundle")
     try:
         manifest = json.loads(config[RECORD_MANIFEST])
-        dtypes = json.loads(config[RECORD_DTYPES])
     except (TypeError, ValueError) as err:
         raise BundleError(f"bundle records carry malformed JSON: {err}") from err
-    if not isinstance(manifest, dict) or not isinstance(dtypes, dict):
-        raise BundleError("bundle records carry a manifest or dtype table that is not a JSON object")
-    if set(dtypes) != set(arrays):
-        raise BundleError(
-            f"bundle arrays and dtype table disagree: {sorted(set(arrays) ^ set(dtypes))[:5]} ..."
-        )
+    if not isinstance(manifest, dict):
+        raise BundleError("bundle records carry a manifest that is not a JSON object")
+    flat = decode_tensors(arrays, config[RECORD_DTYPES])
     signature = (
         _b64decode(config[RECORD_SIGNATURE], where="the records") if config[RECORD_SIGNATURE] else None
     )
     # Groups listed in the manifest exist even when empty (an empty group sends no arrays).
     listed = manifest.get("tensor_sha256")
     tensors: dict[str, dict[str, torch.Tensor]] = {g: {} for g in listed} if isinstance(listed, dict) else {}
-    for key, array in arrays.items():
+    for key, tensor in flat.items():
         group, sep, name = key.partition(_RECORD_SEP)
         if not sep or not name:
             raise BundleError(f"bundle array key {key!r} is not '<group>/<tensor name>'")
-        tensors.setdefault(group, {})[name] = tensor_from_numpy(
-            np.asarray(array), _dtype_from_name(dtypes[key])
-        )
+        tensors.setdefault(group, {})[name] = tensor
     _check_group_names(tensors)
     return Bundle(manifest=manifest, tensors=tensors, signature=signature)

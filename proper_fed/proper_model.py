@@ -18,6 +18,7 @@ from torch import nn
 from proper_fed.backbone import Backbone
 from proper_fed.config import AdapterConfig
 from proper_fed.errors import CheckpointError
+from proper_fed.methods import ExpertMix
 from proper_fed.proper_linear import SCOPES, ProperLinear
 from proper_fed.routing import RoutingContext
 
@@ -81,7 +82,9 @@ class ProperModel(nn.Module):
         self.lora_user_embedding.to(dev)
 
     # ----- modes and scopes -----
-    def set_mode(self, population: bool = False, experts: str = "none", user: bool = False) -> None:
+    def set_mode(
+        self, population: bool = False, experts: ExpertMix | str = ExpertMix.NONE, user: bool = False
+    ) -> None:
         self.ctx.set_mode(population, experts, user)
 
     def scope_parameters(self, scope: str) -> dict[str, nn.Parameter]:
@@ -127,6 +130,17 @@ class ProperModel(nn.Module):
         idx = [self.user_index.get(u, UNKNOWN_USER) for u in user_ids]
         return torch.tensor(idx, dtype=torch.long, device=self.backbone.device)
 
+    def resize_user_table(self, rows: int) -> None:
+        """A user table of `rows` rows (row 0: the unknown user), to load a group stage saved with that many.
+        A device loads the server's group stage this way: the server's user ids never ship, so every user is
+        unknown to it and gets row 0."""
+        if rows < 1:
+            raise CheckpointError(f"a user table needs at least the unknown-user row; got {rows} rows")
+        if self.lora_user_embedding.weight.shape[0] != rows:
+            self.lora_user_embedding = nn.Embedding(rows, self.cfg.user_embedding_dim).to(
+                self.backbone.device
+            )
+
     def reset_user(self, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers.values():
@@ -151,7 +165,7 @@ class ProperModel(nn.Module):
     def prepare(self, user_rows: torch.Tensor | None) -> None:
         """Set the batch's user embeddings and clear recorded gates before a forward or a generate."""
         self.ctx.gates = []
-        if self.ctx.experts == "user_router":
+        if self.ctx.experts == ExpertMix.USER_ROUTER:
             if user_rows is None:
                 raise ValueError("the user-aware router needs user_rows (use model.user_rows(ids))")
             self.ctx.user_emb = self.lora_user_embedding(user_rows)
@@ -180,11 +194,7 @@ class ProperModel(nn.Module):
     ) -> None:
         if scope == "group" and meta is not None and "user_index" in meta:
             self.user_index = dict(meta["user_index"])
-            rows = len(self.user_index) + 1
-            if self.lora_user_embedding.weight.shape[0] != rows:
-                self.lora_user_embedding = nn.Embedding(rows, self.cfg.user_embedding_dim).to(
-                    self.backbone.device
-                )
+            self.resize_user_table(len(self.user_index) + 1)
         params = self.scope_parameters(scope)
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:

@@ -10,20 +10,39 @@ import logging
 import os
 import time
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
 from proper_fed.backbone import model_folder
 from proper_fed.base_store import base_hash, load_base_state_dict, side_files
-from proper_fed.bundle import build_bundle
-from proper_fed.data.baselines import has_label_baselines, majority_label
+from proper_fed.bundle import Bundle, build_bundle
+from proper_fed.data import FederationSplit
+from proper_fed.data.baselines import has_label_baselines, label_ranking
 from proper_fed.run_settings import RunSettings, load_split
+from proper_fed.wire import (
+    QUERY_BASE,
+    RUN_LABEL_RANKING,
+    RUN_TASK,
+    SHIPPED_SCOPES,
+    TRAIN_USER,
+    tensor_group,
+    variant_entry,
+)
 from server.progress import Progress
 from server.results import DeviceReply, write_results
+from server.server_stages import ServerModel
 from server.signing import load_or_create_signing_key
 from server.stage_process import train_server_stages_in_child
-from server.wire import base_content, bundle_content, make_message, payload_bytes
+from server.wire import (
+    base_content,
+    base_probe,
+    bundle_content,
+    has_base,
+    make_message,
+    payload_bytes,
+    with_base,
+)
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -112,51 +131,12 @@ def main(grid: Grid, context: Context) -> None:
     t_server = time.perf_counter() - t0
 
     progress("phase 2/3: signing the bundle")
-    folder = model_folder(settings.proper.backbone.model)
-    digest = base_hash(folder)
-    key = load_or_create_signing_key(settings.key_path, settings.public_key_path)
-    tensors = {
-        f"{name}.{scope}": getattr(m, scope)
-        for name, m in models.items()
-        for scope in ("population", "group")
-    }
-    bundle = build_bundle(
-        base_model_id=settings.proper.backbone.model,
-        base_content_hash=digest,
-        adapter_config={
-            name: {"adapters": m.adapters, "user_rows": len(m.group_meta["user_index"]) + 1}
-            for name, m in models.items()
-        },
-        stage_metrics={name: m.metrics for name, m in models.items()},
-        tensors=tensors,
-        private_key=key,
-    )
-    run_info: dict = {"task": split.task.name}
-    if has_label_baselines(split.task):  # LaMP-1: labels, but no labelled history
-        run_info["majority-label"] = majority_label(split.task, split.server_users)
-
+    bundle = sign_bundle(settings, models)
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
-    replies: dict[int, DeviceReply] = {n: DeviceReply(n) for n in nodes}
-    probe = RecordDict({"base": ConfigRecord({"hash": digest, "model": settings.proper.backbone.model})})
-    probes = [make_message(probe, n, "query.base", "base") for n in nodes]
-    for msg in grid.send_and_receive(probes, timeout=settings.node_wait_s):
-        record_reply(msg)
-        r = replies[device_of(msg, probes)]
-        r.account("query_base", payload_bytes(probe), payload_bytes(msg.content) if msg.has_content() else 0)
-        r.has_base = msg.has_content() and bool(msg.content["base"]["has-base"])
+    replies = probe_bases(grid, nodes, bundle, settings.node_wait_s)
 
     t1 = time.perf_counter()
-    shared = bundle_content(bundle, run_info)
-    base = None
-    messages = []
-    for n in nodes:
-        content = RecordDict(dict(shared.items()))
-        if not replies[n].has_base:
-            base = base or base_content(load_base_state_dict(folder), side_files(folder), digest)
-            for k, v in base.items():
-                content[k] = v
-        replies[n].sent_train = payload_bytes(content)
-        messages.append(make_message(content, n, "train.user", "user"))
+    messages = train_messages(replies, bundle, run_info(split))
     progress(f"phase 3/3: personalizing on {len(messages)} devices")
     for msg in collect(grid, messages, settings.reply_timeout_s, progress):
         record_reply(msg)
@@ -166,5 +146,62 @@ def main(grid: Grid, context: Context) -> None:
         "device_phase_s": time.perf_counter() - t1,
         "total_s": time.perf_counter() - t0,
     }
-    path = write_results(settings, split, models, replies, timings, digest)
+    path = write_results(settings, split, models, replies, timings, bundle.base_content_hash)
     progress(f"results written to {path}")
+
+
+def sign_bundle(settings: RunSettings, models: dict[str, ServerModel]) -> Bundle:
+    """Every server model's population and group stages in one bundle, signed with the server's key."""
+    model_id = settings.proper.backbone.model
+    return build_bundle(
+        base_model_id=model_id,
+        base_content_hash=base_hash(model_folder(model_id)),
+        adapter_config={
+            name: variant_entry(m.adapters, len(m.group_meta["user_index"]) + 1) for name, m in models.items()
+        },
+        stage_metrics={name: m.metrics for name, m in models.items()},
+        tensors={
+            tensor_group(name, scope): getattr(m, scope)
+            for name, m in models.items()
+            for scope in SHIPPED_SCOPES
+        },
+        private_key=load_or_create_signing_key(settings.key_path, settings.public_key_path),
+    )
+
+
+def run_info(split: FederationSplit) -> dict[str, str | list[str]]:
+    """The run's public facts every device gets: the task, and for tasks with labelled history (not LaMP-1)
+    the server users' label ranking, from which the devices' label baselines are computed."""
+    info: dict[str, str | list[str]] = {RUN_TASK: split.task.name}
+    if has_label_baselines(split.task):
+        info[RUN_LABEL_RANKING] = label_ranking(split.task, split.server_users)
+    return info
+
+
+def probe_bases(grid: Grid, nodes: list[int], bundle: Bundle, timeout_s: float) -> dict[int, DeviceReply]:
+    """Ask every device whether it holds the bundle's base; one DeviceReply per node, with the answer."""
+    replies = {n: DeviceReply(n) for n in nodes}
+    probe = base_probe(bundle.base_content_hash, bundle.base_model_id)
+    probes = [make_message(probe, n, QUERY_BASE) for n in nodes]
+    for msg in grid.send_and_receive(probes, timeout=timeout_s):
+        record_reply(msg)
+        r = replies[device_of(msg, probes)]
+        r.account("query_base", payload_bytes(probe), payload_bytes(msg.content) if msg.has_content() else 0)
+        r.has_base = has_base(msg)
+    return replies
+
+
+def train_messages(
+    replies: dict[int, DeviceReply], bundle: Bundle, info: dict[str, str | list[str]]
+) -> list[Message]:
+    """One train.user message per device: the bundle, plus the base (loaded once) where it is missing."""
+    shared, base = bundle_content(bundle, info), None
+    folder = model_folder(bundle.base_model_id)
+    messages = []
+    for n, reply in replies.items():
+        if not reply.has_base and base is None:
+            base = base_content(load_base_state_dict(folder), side_files(folder), bundle.base_content_hash)
+        content = with_base(shared, None if reply.has_base else base)
+        reply.sent_train = payload_bytes(content)
+        messages.append(make_message(content, n, TRAIN_USER))
+    return messages

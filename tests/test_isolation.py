@@ -41,6 +41,7 @@ PERSONALIZE = textwrap.dedent(
     from proper_fed.config import AdapterConfig
     from proper_fed.proper_model import ProperModel
     from proper_fed.run_settings import RunSettings, load_split
+    from proper_fed.wire import SHIPPED_SCOPES, tensor_group, variant_entry
 
 
     def personalize(run_config, store_dir, user_ids):
@@ -52,9 +53,8 @@ PERSONALIZE = textwrap.dedent(
         torch.manual_seed(0)
         server = ProperModel(backbone, settings.proper.adapters, seed=0)
         server.set_users([u.user_id for u in split.server_users])
-        tensors = {"proper.population": server.scope_state_dict("population"),
-                   "proper.group": server.scope_state_dict("group")}
-        info = {"adapters": server.scope_meta("group")["adapters"], "user_rows": len(server.user_index) + 1}
+        tensors = {tensor_group("proper", s): server.scope_state_dict(s) for s in SHIPPED_SCOPES}
+        info = variant_entry(server.scope_meta("group")["adapters"], len(server.user_index) + 1)
         server.remove()
         bundle = build_bundle(base_model_id="tiny", base_content_hash=base_hash(folder),
                               adapter_config={"proper": info}, stage_metrics={}, tensors=tensors,
