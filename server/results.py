@@ -12,6 +12,7 @@ from flwr.app import Message
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.data import FederationSplit
+from proper_fed.data.metrics import cohort_labels
 from proper_fed.metric_stats import add_stats, metrics_from_stats, parse_rate
 from proper_fed.reply_schema import COST_KEYS
 from proper_fed.run_settings import RunSettings
@@ -50,19 +51,6 @@ class DeviceReply:
         return dict(out)
 
 
-def _cohorts(history: dict[int, int], n: int = 4) -> dict[int, str]:
-    """Quartiles of history length over the devices that answered: node -> cohort label."""
-    order = sorted(history, key=lambda k: (history[k], k))
-    out = {}
-    for q in range(n):
-        part = order[q * len(order) // n : (q + 1) * len(order) // n]
-        if part:
-            lo, hi = history[part[0]], history[part[-1]]
-            label = f"Q{q + 1} ({lo}-{hi} items)" if lo != hi else f"Q{q + 1} ({lo} items)"
-            out.update({k: label for k in part})
-    return out
-
-
 def aggregate(split: FederationSplit, replies: dict[int, DeviceReply]) -> dict:
     task = split.task
     ok = {n: r for n, r in replies.items() if r.metrics is not None}
@@ -71,7 +59,7 @@ def aggregate(split: FederationSplit, replies: dict[int, DeviceReply]) -> dict:
     for n, r in ok.items():
         for method, stats in r.methods().items():
             per_method[method][n] = stats
-    cohort_of = _cohorts(history)
+    cohort_of = cohort_labels(history)
     methods = {}
     for method, by_node in per_method.items():
         stats = {n: {k: v for k, v in s.items() if k not in COST_KEYS} for n, s in by_node.items()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from proper_fed.data.types import User
 
 Prediction = str | int | float | None
+K = TypeVar("K")  # whatever identifies a user in a cohort table (user id, node id)
 
 
 def _check_lengths(preds: Sequence[object], golds: Sequence[object]) -> None:
@@ -139,27 +140,35 @@ def _cohort_label(index: int, sizes: Sequence[int]) -> str:
     return f"Q{index + 1} ({span} item{'' if span == '1' else 's'})"
 
 
-def history_cohorts(users: Sequence[User], n_cohorts: int = 4) -> dict[str, list[User]]:
-    """Users grouped by history length at the quantiles of profile size.
-
-    Cut points are the 1/n, 2/n, ... quantiles; a user whose size equals a cut point goes to the lower cohort,
-    so users with equal history always share a cohort (cohorts can be uneven or empty; empty ones are
-    dropped). Labels show the actual range, e.g. "Q1 (3-7 items)".
-    """
+def _cohort_buckets(history: Mapping[K, int], n_cohorts: int) -> list[tuple[str, list[K]]]:
+    """(label, keys) of each non-empty cohort, in order; keys keep their order in `history`."""
     if n_cohorts < 1:
         raise DataError(f"n_cohorts must be >= 1, got {n_cohorts}")
-    if not users:
-        return {}
-    sizes = np.array([len(u.profile) for u in users])
+    if not history:
+        return []
+    sizes = np.array(list(history.values()))
     cuts = np.quantile(sizes, [i / n_cohorts for i in range(1, n_cohorts)])
-    buckets: list[list[User]] = [[] for _ in range(n_cohorts)]
-    for user, size in zip(users, sizes, strict=True):
-        buckets[int(np.searchsorted(cuts, size, side="left"))].append(user)
-    return {
-        _cohort_label(i, [len(u.profile) for u in bucket]): bucket
-        for i, bucket in enumerate(buckets)
-        if bucket
-    }
+    buckets: list[list[K]] = [[] for _ in range(n_cohorts)]
+    for key, size in history.items():
+        buckets[int(np.searchsorted(cuts, size, side="left"))].append(key)
+    return [(_cohort_label(i, [history[k] for k in b]), b) for i, b in enumerate(buckets) if b]
+
+
+def cohort_labels(history: Mapping[K, int], n_cohorts: int = 4) -> dict[K, str]:
+    """Each key's history-length cohort: the one rule of every cohort table (the data tools' and a federated
+    run's results.json).
+
+    Cut points are the 1/n, 2/n, ... quantiles of history size; a size equal to a cut point goes to the lower
+    cohort, so equal histories always share a cohort (cohorts can be uneven or empty; empty ones get no
+    label). Labels show the actual range, e.g. "Q1 (3-7 items)".
+    """
+    return {key: label for label, keys in _cohort_buckets(history, n_cohorts) for key in keys}
+
+
+def history_cohorts(users: Sequence[User], n_cohorts: int = 4) -> dict[str, list[User]]:
+    """Users grouped by history length (the rule of `cohort_labels`), cohorts in order."""
+    buckets = _cohort_buckets({i: len(u.profile) for i, u in enumerate(users)}, n_cohorts)
+    return {label: [users[i] for i in keys] for label, keys in buckets}
 
 
 def cohort_metrics(
