@@ -204,9 +204,6 @@ class AdapterStore:
     def has_adapter(self, user_id: str) -> bool:
         return self._path(_ADAPTER, user_id, ".pfa").is_file()
 
-    def delete_adapter(self, user_id: str) -> None:
-        self._path(_ADAPTER, user_id, ".pfa").unlink(missing_ok=True)
-
     # -- checkpoints --
 
     def save_checkpoint(

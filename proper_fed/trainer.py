@@ -95,73 +95,96 @@ def run_stage(
     if not examples:
         raise ValueError(f"{stage} stage got no training examples")
     torch.manual_seed(cfg.seed)
-    backbone = model.backbone
-    encoded = encode_all(backbone, examples, cfg.max_length)
+    encoded = encode_all(model.backbone, examples, cfg.max_length)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = StageResult(stage, trainable_parameters=sum(p.numel() for p in trainable))
     start = _resume(checkpointer, trainable, opt, result, stage)
-    main = ranks is None or ranks.is_main
     forward = ranks.wrap(model) if ranks is not None else model
-    lm = backbone.model
-    if cfg.grad_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.train()
-    n_batches = math.ceil(len(encoded) / cfg.batch_size)
+    loop = _Epochs(model, forward, encoded, cfg, stage, opt, user_rows_fn, extra_loss, ranks)
+    del forward
+    _set_training(model, cfg, True)
     t0 = time.perf_counter()
     try:
         for epoch in range(start, cfg.epochs):
-            order = torch.randperm(
-                len(encoded), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            )
-            total, bar = (
-                0.0,
-                tqdm(
-                    range(n_batches),
-                    desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
-                    disable=not (cfg.progress and main),
-                    leave=False,
-                ),
-            )
-            for step in bar:
-                items = [encoded[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                # rows of the whole global batch, on every rank: the unknown-user dropout draws as in one process
-                batch_rows = (
-                    user_rows_fn([it.user_id for it in items], epoch * n_batches + step)
-                    if user_rows_fn
-                    else None
-                )
-                loss = _step_loss(model, forward, items, batch_rows, extra_loss, ranks)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                value = loss.item() if ranks is None else ranks.all_sum(loss).item() / ranks.world
-                total += value
-                result.steps += 1
-                result.tokens += sum(len(it.input_ids) for it in items)
-                bar.set_postfix(loss=f"{value:.3f}")
-            result.epoch_losses.append(total / n_batches)
-            if main:
-                log.info(
-                    "%s epoch %d/%d loss %.4f (%.0f s)",
-                    stage,
-                    epoch + 1,
-                    cfg.epochs,
-                    result.epoch_losses[-1],
-                    time.perf_counter() - t0,
-                )
-            if checkpointer is not None and main:
+            result.epoch_losses.append(loop.run(epoch, result))
+            if loop.main:
+                loss, seconds = result.epoch_losses[-1], time.perf_counter() - t0
+                log.info("%s epoch %d/%d loss %.4f (%.0f s)", stage, epoch + 1, cfg.epochs, loss, seconds)
+            if checkpointer is not None and loop.main:
                 checkpointer.save(_checkpoint_bytes(trainable, opt, epoch + 1, result.epoch_losses))
     finally:
-        if cfg.grad_checkpointing:
-            lm.gradient_checkpointing_disable()
-            lm.eval()
-        model.ctx.record = False
-        model.ctx.gates = []
-        del forward  # drops DDP's hooks: the next stage wraps its own scope
+        _set_training(model, cfg, False)
+        del loop  # drops DDP's hooks: the next stage wraps its own scope
     result.seconds = time.perf_counter() - t0
     for p in trainable:
         p.requires_grad_(False)  # each stage is frozen before the next starts
     return result
+
+
+def _set_training(model: ProperModel, cfg: TrainConfig, on: bool) -> None:
+    """Gradient checkpointing (when configured) on for training; off, and the recorded routing cleared, after."""
+    lm = model.backbone.model
+    if cfg.grad_checkpointing and on:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()
+    elif cfg.grad_checkpointing:
+        lm.gradient_checkpointing_disable()
+        lm.eval()
+    if not on:
+        model.ctx.record = False
+        model.ctx.gates = []
+
+
+@dataclass
+class _Epochs:
+    """One stage's optimisation loop over its encoded examples (`forward`: the model, or its DDP wrapper)."""
+
+    model: ProperModel
+    forward: torch.nn.Module
+    encoded: list[Encoded]
+    cfg: TrainConfig
+    stage: str
+    opt: torch.optim.Optimizer
+    user_rows_fn: Callable[[list[str], int], torch.Tensor] | None
+    extra_loss: ExtraLoss | None
+    ranks: Ranks | None
+
+    @property
+    def main(self) -> bool:
+        return self.ranks is None or self.ranks.is_main
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.encoded) / self.cfg.batch_size)
+
+    def run(self, epoch: int, result: StageResult) -> float:
+        """One epoch in its seeded order; counts steps and tokens into `result`; the mean batch loss."""
+        cfg, n = self.cfg, self.n_batches
+        order = torch.randperm(
+            len(self.encoded), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        )
+        desc = f"{self.stage} epoch {epoch + 1}/{cfg.epochs}"
+        bar = tqdm(range(n), desc=desc, disable=not (cfg.progress and self.main), leave=False)
+        total = 0.0
+        for step in bar:
+            items = [self.encoded[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            value = self.step(items, epoch * n + step)
+            total += value
+            result.steps += 1
+            result.tokens += sum(len(it.input_ids) for it in items)
+            bar.set_postfix(loss=f"{value:.3f}")
+        return total / n
+
+    def step(self, items: list[Encoded], global_step: int) -> float:
+        """One optimiser step on one global batch; its loss (averaged over ranks)."""
+        # rows of the whole global batch, on every rank: the unknown-user dropout draws as in one process
+        ids = [it.user_id for it in items]
+        batch_rows = self.user_rows_fn(ids, global_step) if self.user_rows_fn else None
+        loss = _step_loss(self.model, self.forward, items, batch_rows, self.extra_loss, self.ranks)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item() if self.ranks is None else self.ranks.all_sum(loss).item() / self.ranks.world
 
 
 def _target_tokens(items: Sequence[Encoded]) -> int:

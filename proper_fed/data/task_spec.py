@@ -273,10 +273,6 @@ class TaskSpec:
             result = _metrics.rouge_metrics(preds, golds)
         return {k: result[k] for k in self.metric_names}
 
-    def score_texts(self, texts: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
-        """Parse raw model outputs, then score them."""
-        return self.metrics([self.parse_output(t) for t in texts], golds)
-
 
 def task_spec_from_mapping(data: Mapping[str, Any], source: str = "<spec>") -> TaskSpec:
     """Build a TaskSpec from parsed TOML; every problem is a ConfigError naming `source` and the key."""
