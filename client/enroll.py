@@ -105,6 +105,15 @@ def check_server_key(path: str | os.PathLike[str]) -> Path:
     return key_file
 
 
+def _check_root_cert(root_cert: str | os.PathLike[str] | None) -> Path:
+    if root_cert is None:
+        raise ConfigError(
+            "no CA certificate: pass --root-cert with the CA certificate (ca.crt) the operator gave you, or "
+            "--insecure for a plaintext test setup"
+        )
+    return check_ca_certificate(root_cert)  # a file that is not a CA certificate is refused, never pinned
+
+
 def register_hint(public_key: str | os.PathLike[str]) -> str:
     """The exact command the operator runs on the server to admit this device."""
     return f"proper-fed server register-client {Path(public_key).resolve()}"
@@ -162,18 +171,12 @@ def enroll(
     # Exactly one user of the file, or a clear error, before anything is created.
     me = device_user(RunSettings(), {k: v for k, v in node.items() if v})
     key_file = check_server_key(server_key)
-    if not insecure:
-        if root_cert is None:
-            raise ConfigError(
-                "no CA certificate: pass --root-cert with the CA certificate (ca.crt) the operator gave you, or "
-                "--insecure for a plaintext test setup"
-            )
-        check_ca_certificate(root_cert)  # a file that is not a CA certificate is refused, never pinned
+    ca_file = None if insecure else _check_root_cert(root_cert)
     AdapterStore.open(root)  # creates the store (0700) and the device key
     trust = root / TRUST_DIR
     trust.mkdir(mode=0o700, exist_ok=True)
     pinned_key = _pin(key_file, trust / PINNED_SERVER_KEY, "server signing key", repin)
-    pinned_ca = "" if insecure else str(_pin(Path(root_cert).expanduser(), trust / PINNED_CA, "CA", repin))
+    pinned_ca = "" if ca_file is None else str(_pin(ca_file, trust / PINNED_CA, "CA", repin))
     keys, created = node_keypair(root)
     enrollment = Enrollment(
         store=str(root),
