@@ -58,10 +58,26 @@ class Backbone:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             messages = [{"role": "user", "content": prompt}]
-            if self.config.system_prompt != "default":
-                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+            system = self.config.system_prompt
+            if system == "none":
+                return _without_system_turn(tok, messages)
+            if system != "default":
+                messages.insert(0, {"role": "system", "content": system})
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt + "\n"
+
+
+def _without_system_turn(tok: object, messages: list[dict]) -> str:
+    """The chat text with no system turn at all. Templates such as SmolLM2's insert a default system message
+    when none is given, so render with a placeholder system turn and cut that turn off."""
+    placeholder = [{"role": "system", "content": "\x00"}]
+    full = tok.apply_chat_template(placeholder + messages, tokenize=False, add_generation_prompt=True)  # type: ignore[attr-defined]
+    turn = tok.apply_chat_template(placeholder, tokenize=False)  # type: ignore[attr-defined]
+    if not full.startswith(turn):
+        raise ModelLoadError(
+            "system_prompt='none' needs a chat template that renders the system turn first; use '' instead"
+        )
+    return full[len(turn) :]
 
 
 def resolve_device(device: str) -> torch.device:

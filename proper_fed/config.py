@@ -67,7 +67,8 @@ class BackboneConfig(_FromDict):
     load_in_4bit: quantize the base linears to nf4 with bitsandbytes (the on-device setting).
     system_prompt: the chat template's system message; "" keeps it empty (SmolLM2's default one is ~20 tokens,
         as long as a whole synthetic prompt, so it would double the compute of every step); "default" lets the
-        template insert its own.
+        template insert its own; "none" leaves the system turn out altogether (5 tokens fewer than "" on
+        SmolLM2, an eighth of a short synthetic example).
     """
 
     model: str = "smollm2-135m"

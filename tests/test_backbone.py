@@ -37,3 +37,28 @@ def test_bf16_weights_load_in_bf16():
 
     b = load_backbone(BackboneConfig(model="tiny", device="cpu", dtype="bf16"))
     assert next(b.model.parameters()).dtype == torch.bfloat16
+
+
+def test_system_prompt_none_leaves_out_the_system_turn_a_template_would_insert(tiny_backbone):
+    """SmolLM2's template inserts a default system message when none is given; "none" must drop the turn
+    entirely, "" keeps an empty one, "default" lets the template insert its own."""
+    import copy
+    import dataclasses
+
+    chatml = (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are a default assistant<|im_end|>\\n' }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    b = copy.copy(tiny_backbone)
+    b.tokenizer = copy.deepcopy(tiny_backbone.tokenizer)
+    b.tokenizer.chat_template = chatml
+
+    def render(system: str) -> str:
+        b.config = dataclasses.replace(tiny_backbone.config, system_prompt=system)
+        return b.format_prompt("hi")
+
+    assert render("none") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render("") == "<|im_start|>system\n<|im_end|>\n" + render("none")
+    assert render("default").startswith("<|im_start|>system\nYou are a default assistant")
