@@ -324,8 +324,7 @@ def _drop_checkpoints(job: DeviceJob, methods: Sequence[str]) -> None:
     """Every user stage finished: its checkpoints are no longer needed."""
     for name in methods:
         if METHODS[name].trains_user_stage:
-            ck = job.store.checkpointer(job.user_id, _stage_key(name, bundle_tag(job.bundle)))
-            ck.path.unlink(missing_ok=True)
+            job.store.checkpointer(job.user_id, _stage_key(name, bundle_tag(job.bundle))).clear()
 
 
 def label_baselines(

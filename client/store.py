@@ -4,8 +4,7 @@ Layout of a store directory (created 0700):
 
     device.key                   the 32-byte AES-256-GCM key as hex, mode 0600 (unless $PROPER_FED_DEVICE_KEY)
     adapters/<h(user)>.pfa       the user's adapter: encrypted safetensors (tensors + JSON meta)
-    checkpoints/<h(user)>.pfc    the latest resumable checkpoint of the user's training, same format
-    checkpoints/<h(user)>.<stage>.pfb   opaque trainer checkpoints (see `checkpointer`)
+    checkpoints/<h(user)>.<stage>.pfb   the trainer's per-epoch checkpoint of one user stage (`checkpointer`)
 
 h(user) is a truncated SHA-256 of the user id, so the directory listing reveals no user ids and no id
 can escape the folder.
@@ -44,7 +43,6 @@ _ADAPTER = "adapter"
 _CHECKPOINT = "checkpoint"
 _BLOB = "blob"
 _META_KEY = "proper_fed.meta"
-_EPOCH_KEY = "proper_fed.epoch"
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
@@ -53,15 +51,6 @@ class StoredAdapter:
     """A user's adapter tensors and the JSON metadata saved with them."""
 
     tensors: dict[str, torch.Tensor] = field(repr=False)
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """The latest resumable state of a user's training: the last finished epoch, tensors, metadata."""
-
-    epoch: int
-    state: dict[str, torch.Tensor] = field(repr=False)
     meta: dict[str, Any]
 
 
@@ -206,33 +195,6 @@ class AdapterStore:
 
     # -- checkpoints --
 
-    def save_checkpoint(
-        self, user_id: str, epoch: int, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
-    ) -> Path:
-        """Replace the user's checkpoint with the state after `epoch`, encrypted and atomically."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise StoreError(f"checkpoint epoch must be a non-negative int, got {epoch!r}")
-        payload = _pack(state, meta, {_EPOCH_KEY: str(epoch)})
-        return self._write(self._path(_CHECKPOINT, user_id, ".pfc"), _CHECKPOINT, user_id, payload)
-
-    def load_checkpoint(self, user_id: str) -> Checkpoint | None:
-        """The user's latest checkpoint, or None if there is none (a fresh start)."""
-        path = self._path(_CHECKPOINT, user_id, ".pfc")
-        if not path.is_file():
-            return None
-        tensors, meta, metadata = _unpack(self._read(path, _CHECKPOINT, user_id), path)
-        return Checkpoint(epoch=int(metadata[_EPOCH_KEY]), state=tensors, meta=meta)
-
-    def clear_checkpoint(self, user_id: str) -> None:
-        """Drop the user's checkpoints once training finished (the adapter is what remains)."""
-        for path in (self._path(_CHECKPOINT, user_id, ".pfc"), *self._blob_paths(user_id)):
-            path.unlink(missing_ok=True)
-
-    def _blob_paths(self, user_id: str) -> list[Path]:
-        prefix = self._path(_CHECKPOINT, user_id, "").name
-        folder = self.root / "checkpoints"
-        return sorted(folder.glob(f"{prefix}.*.pfb")) if folder.is_dir() else []
-
     def checkpointer(self, user_id: str, stage: str = "user") -> EncryptedCheckpointer:
         """A `proper_fed.trainer.Checkpointer` (opaque bytes save/load) that encrypts into this store."""
         if not _STAGE_NAME.match(stage):
@@ -263,3 +225,7 @@ class EncryptedCheckpointer:
         if not self.path.is_file():
             return None
         return self.store._read(self.path, self._kind, self.user_id)
+
+    def clear(self) -> None:
+        """Drop the checkpoint once its stage finished (the adapter is what remains)."""
+        self.path.unlink(missing_ok=True)

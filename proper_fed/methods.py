@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
+from typing import TypeVar
 
 from proper_fed.errors import ConfigError
 
@@ -58,6 +59,7 @@ class Kind(StrEnum):
 
 
 PROPER = "proper"  # the server model every device method runs on
+E = TypeVar("E", bound=StrEnum)
 
 
 @dataclass(frozen=True)
@@ -196,21 +198,18 @@ def unknown_names(names: tuple[str, ...] | list[str], kind: Kind) -> list[str]:
     return [n for n in names if n not in METHODS or METHODS[n].kind is not kind]
 
 
-def names_of(kind: Kind) -> tuple[str, ...]:
-    return {Kind.DEVICE: DEVICE_METHODS, Kind.VARIANT: VARIANTS, Kind.LABEL_BASELINE: LABEL_BASELINES}[kind]
+def _member(kind: type[E], value: str, name: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}; use one of {[m.value for m in kind]}") from None
 
 
 def as_expert_mix(value: str) -> ExpertMix:
     """`value` as an ExpertMix; ConfigError naming the choices otherwise."""
-    try:
-        return ExpertMix(value)
-    except ValueError:
-        raise ConfigError(f"expert_mix={value!r}; use one of {[m.value for m in ExpertMix]}") from None
+    return _member(ExpertMix, value, "expert_mix")
 
 
 def as_stage(value: str) -> Stage:
     """`value` as a Stage; ConfigError naming the choices otherwise."""
-    try:
-        return Stage(value)
-    except ValueError:
-        raise ConfigError(f"stage={value!r}; use one of {[s.value for s in Stage]}") from None
+    return _member(Stage, value, "stage")

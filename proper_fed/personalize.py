@@ -48,10 +48,6 @@ class MethodResult:
     trainable_parameters: int = 0
     epoch_losses: list[float] = field(default_factory=list)
 
-    @property
-    def eval_seconds(self) -> float:
-        return sum(s.seconds for s in self.scored.values())
-
 
 def max_new_tokens_for(task: TaskSpec, tokenizer=None) -> int:  # noqa: ANN001 - any HF tokenizer
     """Greedy budget: room for the longest label plus a short lead-in ("The tag is ..."), so a model that

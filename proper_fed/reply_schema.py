@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 LABELLED_TYPES = ("classification", "rating")
 COST_KEYS = ("train_s", "eval_s", "trainable_params")
-DEVICE_KEYS = ("history_len", "queries", "device_total_s")
 
 MAX_COUNT = 10**6  # queries or history items of one device
 MAX_SECONDS = 30 * 24 * 3600.0

@@ -167,25 +167,6 @@ def test_missing_adapter_and_bad_meta_are_store_errors(tmp_path):
 # ---- checkpoints ----
 
 
-def test_checkpoint_round_trip_and_clear(tmp_path):
-    store = AdapterStore.open(tmp_path / "store")
-    assert store.load_checkpoint("alice") is None
-    store.save_checkpoint("alice", 0, {"p": torch.zeros(3)}, {"lr": 1e-3})
-    store.save_checkpoint("alice", 1, {"p": torch.ones(3)}, {"lr": 1e-3})
-    ckpt = store.load_checkpoint("alice")
-    assert ckpt is not None and ckpt.epoch == 1 and torch.equal(ckpt.state["p"], torch.ones(3))
-    assert ckpt.meta == {"lr": 1e-3}
-    ckpt_file = next((tmp_path / "store" / "checkpoints").iterdir())
-    assert b"\x00\x00\x80?" * 3 not in ckpt_file.read_bytes()  # the float32 ones are not visible
-    # An adapter cannot be passed off as a checkpoint (kind is authenticated).
-    adapter = store.save_adapter("alice", {"p": torch.ones(3)}, {})
-    ckpt_file.write_bytes(adapter.read_bytes())
-    with pytest.raises(StoreError, match="checkpoint of user 'alice'"):
-        store.load_checkpoint("alice")
-    store.clear_checkpoint("alice")
-    assert store.load_checkpoint("alice") is None
-
-
 def test_trainer_checkpointer_encrypts_opaque_bytes(tmp_path):
     store = AdapterStore.open(tmp_path / "store")
     ckpt = store.checkpointer("alice", stage="user")
@@ -193,5 +174,14 @@ def test_trainer_checkpointer_encrypts_opaque_bytes(tmp_path):
     ckpt.save(b"torch-saved-optimizer-state")
     assert ckpt.load() == b"torch-saved-optimizer-state"
     assert b"torch-saved" not in ckpt.path.read_bytes()
-    store.clear_checkpoint("alice")
-    assert ckpt.load() is None
+    # An adapter, or another stage's checkpoint, cannot be passed off as this one (the kind is authenticated).
+    other = store.checkpointer("alice", stage="oppu")
+    other.save(b"other stage")
+    ckpt.path.write_bytes(other.path.read_bytes())
+    with pytest.raises(StoreError, match="of user 'alice'"):
+        ckpt.load()
+    ckpt.path.write_bytes(store.save_adapter("alice", {"p": torch.ones(3)}, {}).read_bytes())
+    with pytest.raises(StoreError, match="of user 'alice'"):
+        ckpt.load()
+    ckpt.clear()
+    assert ckpt.load() is None and other.load() == b"other stage"
