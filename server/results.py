@@ -16,6 +16,7 @@ from proper_fed.data.metrics import cohort_labels
 from proper_fed.metric_stats import add_stats, metrics_from_stats, parse_rate
 from proper_fed.reply_schema import COST_KEYS
 from proper_fed.run_settings import RunSettings
+from proper_fed.wire import METRICS
 
 
 @dataclass
@@ -38,7 +39,7 @@ class DeviceReply:
         if msg.has_error():
             self.error = f"device error {msg.error.code}: {msg.error.reason}"
         else:
-            self.metrics = dict(msg.content["metrics"])
+            self.metrics = dict(msg.content[METRICS])
 
     def methods(self) -> dict[str, dict[str, float]]:
         """Per method: its statistics, from keys '<method>.<stat>'. A further scoring protocol's
