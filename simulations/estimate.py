@@ -11,6 +11,7 @@ real times to compare with.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class Estimate:
     train_s_per_token: float  # server threads, measured
     device_s_per_token: float  # one thread, measured
     precision: str
+    busy: float = 0.0  # the 1-minute load average beyond this run's own measurement, when it was taken
 
     @property
     def total_s(self) -> float:
@@ -58,6 +60,11 @@ class Estimate:
             f"{self.server_s / 60:.1f}, devices {self.device_s / 60:.1f}, start-up and report "
             f"{self.other_s / 60:.1f}; measured {1 / self.train_s_per_token:.0f} training tokens/s in "
             f"{self.precision})"
+            + (
+                f"; the machine was busy (load {self.busy:.1f}): the estimate is high"
+                if self.busy >= 1.0
+                else ""
+            )
         )
 
 
@@ -170,4 +177,14 @@ def estimate_run(settings, split, device_parallel: int, with_plots: bool) -> Est
         server_rate,
         device_rate,
         backbone.config.dtype,
+        busy=_load_average(),
     )
+
+
+def _load_average() -> float:
+    """Other work on the machine when the measurement ran (threads fight over cores: on a busy machine a
+    multi-threaded measurement is many times too slow)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 0.0
