@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from proper_fed.data import get_task
+from proper_fed.data.baselines import has_label_baselines
 from proper_fed.errors import ConfigError
 from proper_fed.metric_stats import query_stats
 from proper_fed.reply_schema import reply_schema, run_reply_schema, scoring_protocols
@@ -40,7 +41,7 @@ def device_reply(task, methods=METHODS, protocols=("generate",), seed=0) -> dict
             out.update(
                 {f"{prefix}.train_s": 3.5, f"{prefix}.eval_s": 0.25, f"{prefix}.trainable_params": 4096.0}
             )
-    if task.labels:
+    if has_label_baselines(task):  # as the device: not LaMP-1 (labels, but no labelled history)
         for baseline in ("majority", "user_majority"):
             stats = query_stats(task, [answers[0]] * len(golds), golds)
             out.update({f"{baseline}.{k}": float(v) for k, v in stats.items()})
