@@ -39,9 +39,8 @@ def fake_run(monkeypatch, tmp_path):
 
 
 def _invoke(*args: str):
-    from proper_fed_cli.main import _register, app
+    from proper_fed_cli.main import app
 
-    _register()
     return CliRunner().invoke(app, ["simulate", "--quick", *args])
 
 
