@@ -24,11 +24,11 @@ from client.device import (
     write_local_predictions,
 )
 from client.privacy_guard import error_reply, privacy_guard
-from proper_fed import wire
-from proper_fed.base_store import find_base
+from proper_fed.artifacts.base_store import find_base
 from proper_fed.errors import ProperFedError, public_error
-from proper_fed.run_settings import RunSettings
-from proper_fed.wire import QUERY_BASE, TRAIN_USER
+from proper_fed.federation import wire
+from proper_fed.federation.run_settings import RunSettings
+from proper_fed.federation.wire import QUERY_BASE, TRAIN_USER
 
 log = logging.getLogger(__name__)
 app = ClientApp()

@@ -15,25 +15,25 @@ from typing import Any
 import numpy as np
 
 from client.store import AdapterStore
-from proper_fed import crypto
-from proper_fed.backbone import Backbone, cache_dir, load_backbone
-from proper_fed.base_store import find_base, store_base
-from proper_fed.bundle import Bundle, bundle_from_records, save_bundle, verify_bundle
+from proper_fed.artifacts import crypto
+from proper_fed.artifacts.base_store import find_base, store_base
+from proper_fed.artifacts.bundle import Bundle, bundle_from_records, save_bundle, verify_bundle
 from proper_fed.config import AdapterConfig, BackboneConfig
 from proper_fed.data import device_eval_examples, device_training_examples, load_dataset
 from proper_fed.data.baselines import has_label_baselines, user_majority_label
+from proper_fed.data.example import Example
+from proper_fed.data.metric_stats import query_stats
+from proper_fed.data.scoring import check_protocols, scored_answer, scored_name
 from proper_fed.data.task_spec import TaskSpec
 from proper_fed.data.types import User
 from proper_fed.errors import BundleError, ConfigError
-from proper_fed.example import Example
+from proper_fed.federation.run_settings import DEVICE_NODES_DIR, RunSettings, load_split
+from proper_fed.federation.wire import decode_tensors, read_variant_entry, tensor_group
 from proper_fed.methods import METHODS, PROPER
-from proper_fed.metric_stats import query_stats
-from proper_fed.personalize import MethodResult, Scored, personalize_user, run_method
-from proper_fed.proper_model import ProperModel
-from proper_fed.run_settings import DEVICE_NODES_DIR, RunSettings, load_split
-from proper_fed.scoring import check_protocols, scored_answer, scored_name
-from proper_fed.trainer import Checkpointer
-from proper_fed.wire import decode_tensors, read_variant_entry, tensor_group
+from proper_fed.model.backbone import Backbone, cache_dir, load_backbone
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.train.personalize import MethodResult, Scored, personalize_user, run_method
+from proper_fed.train.trainer import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def device_task(settings: RunSettings, node_config: Mapping[str, Any]) -> TaskSp
     from proper_fed.data.loader import FOLDER_SPEC
     from proper_fed.data.synthetic import synthetic_spec
     from proper_fed.data.tasks import resolve_task
-    from proper_fed.run_settings import BUILTIN_DATA
+    from proper_fed.federation.run_settings import BUILTIN_DATA
 
     if "data-path" in node_config:
         named, path = str(node_config.get("task", "")) or settings.task, Path(str(node_config["data-path"]))

@@ -20,11 +20,16 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from proper_fed import crypto
+from proper_fed.artifacts import crypto
+from proper_fed.artifacts.certs import (
+    NODE_KEY_NAME,
+    NodeAuthKeyPaths,
+    check_ca_certificate,
+    create_node_auth_keypair,
+)
 from proper_fed.atomic import atomic_write_bytes, atomic_write_text
-from proper_fed.certs import NODE_KEY_NAME, NodeAuthKeyPaths, check_ca_certificate, create_node_auth_keypair
 from proper_fed.errors import ConfigError, CryptoError
-from proper_fed.processes import executable
+from proper_fed.federation.processes import executable
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +168,7 @@ def enroll(
     server's signing key and CA, and save the enrollment. Returns (enrollment, key pair created now)."""
     from client.device import device_user
     from client.store import AdapterStore
-    from proper_fed.run_settings import RunSettings
+    from proper_fed.federation.run_settings import RunSettings
 
     root = Path(store).expanduser().resolve()
     data_path = Path(data).expanduser().resolve()
@@ -221,12 +226,12 @@ def answer(
     """Answer `prompt` with the user's stored adapter on top of the verified bundle and the base it names."""
     from client.device import BUNDLE_DIR, load_device_backbone, server_model
     from client.store import AdapterStore
-    from proper_fed.base_store import find_base
-    from proper_fed.bundle import load_bundle, verify_bundle
+    from proper_fed.artifacts.base_store import find_base
+    from proper_fed.artifacts.bundle import load_bundle, verify_bundle
     from proper_fed.errors import BundleError, StoreError
-    from proper_fed.generate import generate
-    from proper_fed.run_settings import RunSettings
-    from proper_fed.stages import serving_mode
+    from proper_fed.federation.run_settings import RunSettings
+    from proper_fed.train.generate import generate
+    from proper_fed.train.stages import serving_mode
 
     root = Path(store).expanduser().resolve()
     enrolled = load_enrollment(root) if (root / ENROLLMENT_FILE).is_file() else None

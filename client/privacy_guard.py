@@ -1,7 +1,7 @@
 """The one place that decides what may leave a device in the user stage: metrics in the run's exact schema.
 
-The schema (`proper_fed/reply_schema.py`) is derived from public facts only: the run config (methods, variants,
-scoring protocols) and the task's public label set. A reply passes only if it is one MetricRecord named
+The schema (`proper_fed/federation/reply_schema.py`) is derived from public facts only: the run config (methods,
+variants, scoring protocols) and the task's public label set. A reply passes only if it is one MetricRecord named
 "metrics" whose every key is in the schema and whose every value is a finite number in the key's range, or an
 error whose code and message are exactly a row of the fixed table (`proper_fed.errors.ERROR_TABLE`).
 
@@ -19,9 +19,9 @@ from typing import Any
 from flwr.app import Context, Error, Message, MetricRecord
 
 from proper_fed.errors import ERROR_TABLE, PrivacyError, public_error
-from proper_fed.reply_schema import ReplySchema, run_reply_schema
-from proper_fed.run_settings import RunSettings
-from proper_fed.wire import METRICS
+from proper_fed.federation.reply_schema import ReplySchema, run_reply_schema
+from proper_fed.federation.run_settings import RunSettings
+from proper_fed.federation.wire import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Layout of a store directory (created 0700):
 
 h(user) is a truncated SHA-256 of the user id, so the directory listing reveals no user ids and no id
 can escape the folder.
-Every file is `proper_fed.crypto.encrypt(device key, payload, associated data = kind + user id)`: a file
+Every file is `proper_fed.artifacts.crypto.encrypt(device key, payload, associated data = kind + user id)`: a file
 copied to another user's slot, or an adapter swapped for a checkpoint, fails authentication. Writes are
 atomic: a failed write leaves the previous file intact.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from proper_fed import crypto
+from proper_fed.artifacts import crypto
 from proper_fed.atomic import atomic_write_bytes
 from proper_fed.errors import CryptoError, StoreError
 
@@ -196,7 +196,7 @@ class AdapterStore:
     # -- checkpoints --
 
     def checkpointer(self, user_id: str, stage: str = "user") -> EncryptedCheckpointer:
-        """A `proper_fed.trainer.Checkpointer` (opaque bytes save/load) that encrypts into this store."""
+        """A `proper_fed.train.trainer.Checkpointer` (opaque bytes save/load) that encrypts into this store."""
         if not _STAGE_NAME.match(stage):
             raise StoreError(f"stage name {stage!r} must be 1-32 letters, digits, '_' or '-'")
         return EncryptedCheckpointer(store=self, user_id=user_id, stage=stage)

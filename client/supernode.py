@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from proper_fed.errors import DeployError
-from proper_fed.processes import LogFollower, alive, read_pid, spawn, stop_tree, wait_until
+from proper_fed.federation.processes import LogFollower, alive, read_pid, spawn, stop_tree, wait_until
 
 log = logging.getLogger(__name__)
 

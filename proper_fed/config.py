@@ -62,7 +62,7 @@ class BackboneConfig(_FromDict):
         local folder holding a Hugging Face model.
     device: "cpu", "cuda" or "auto" (cuda when available).
     dtype: "auto" (the default: fp32 weights with bf16 autocast where the hardware has native bf16, a CUDA GPU
-        with bf16 or an x86 CPU with AVX512-BF16 / AMX, plain fp32 elsewhere; see `proper_fed.precision`),
+        with bf16 or an x86 CPU with AVX512-BF16 / AMX, plain fp32 elsewhere; see `proper_fed.model.precision`),
         "fp32", "bf16" (weights in bf16), or "fp32-autocast-bf16" (fp32 weights, bf16 autocast).
     load_in_4bit: quantize the base linears to nf4 with bitsandbytes (the on-device setting).
     system_prompt: the chat template's system message; "" keeps it empty (SmolLM2's default one is ~20 tokens,

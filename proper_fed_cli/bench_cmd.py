@@ -37,7 +37,7 @@ def bench(
 ) -> None:
     """Time PROPER's user and group stages beside a peft LoRA of the same total rank, the user stage in nf4, and
     this machine's matmul peak; print and save JSON."""
-    from proper_fed.bench import run_benchmark  # torch and transformers load only when the command runs
+    from proper_fed.tools.bench import run_benchmark  # torch and transformers load only when the command runs
 
     try:
         result = run_benchmark(

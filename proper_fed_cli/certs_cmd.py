@@ -22,7 +22,7 @@ def create(
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
     """Create a private CA and a SuperLink certificate (SAN: localhost, 127.0.0.1, ::1 and every --host)."""
-    from proper_fed.certs import write_certs
+    from proper_fed.artifacts.certs import write_certs
 
     paths = write_certs(out, hosts=host or [], force=force)
     typer.echo(f"wrote {paths.ca_cert}, {paths.ca_key}, {paths.server_cert}, {paths.server_key}")
@@ -43,7 +43,7 @@ def node_key(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
 ) -> None:
     """Create a SuperNode authentication key pair (ECDSA P-384, OpenSSH format, as flwr expects)."""
-    from proper_fed.certs import create_node_auth_keypair
+    from proper_fed.artifacts.certs import create_node_auth_keypair
 
     paths = create_node_auth_keypair(out, name=name, force=force)
     typer.echo(f"wrote {paths.private_key} (keep it on the device) and {paths.public_key}")

@@ -52,7 +52,7 @@ MaxRetries = Annotated[
 
 
 def _default_store(user_id: str) -> Path:
-    from proper_fed.backbone import cache_dir
+    from proper_fed.model.backbone import cache_dir
 
     return cache_dir() / "device" / (user_id or "default")
 
@@ -66,7 +66,7 @@ def _run_supernode(
     connect_timeout_s: float = 60.0,
 ) -> None:
     """Start the SuperNode; return once it is connected (--background), else stream its log until it exits."""
-    from proper_fed.processes import flwr_env, free_port
+    from proper_fed.federation.processes import flwr_env, free_port
 
     store = Path(enrollment.store)
     port = port or free_port()

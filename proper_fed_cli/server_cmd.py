@@ -91,7 +91,7 @@ ServerDevices = Annotated[
 
 
 def _env() -> dict[str, str]:
-    from proper_fed.processes import flwr_env
+    from proper_fed.federation.processes import flwr_env
 
     return flwr_env(os.environ)
 
@@ -108,7 +108,7 @@ def _run_config(
     out: Path, state_dir: Path | None, config: Path | None, sets: list[str] | None, options: dict[str, Any]
 ) -> tuple[dict[str, Any], Any]:
     """The run config: --config file, then --set, then the named options; validated, paths absolute."""
-    from proper_fed.run_config import load_run_config, parse_assignments, resolve
+    from proper_fed.federation.run_config import load_run_config, parse_assignments, resolve
 
     base = load_run_config(config).flat if config else {}
     overrides = {
@@ -139,7 +139,7 @@ def _ensure_signing_key(settings: Any) -> Path:
 
 def _submit(flat: dict[str, Any], settings: Any, connection: str, app_dir: Path | None) -> int:
     """`flwr run` the ServerApp, stream its logs (also into <out>/flower.log), summarize results.json."""
-    from proper_fed.run_config import rotate_results, write_run_config
+    from proper_fed.federation.run_config import rotate_results, write_run_config
     from server.connection import default_app_dir, submit_command
 
     out = Path(settings.out)

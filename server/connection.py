@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from proper_fed.artifacts.certs import check_node_public_key
 from proper_fed.atomic import atomic_write_text
-from proper_fed.certs import check_node_public_key
 from proper_fed.errors import ConfigError, DeployError
-from proper_fed.processes import executable
+from proper_fed.federation.processes import executable
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from flwr.app import Message
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.data import FederationSplit
+from proper_fed.data.metric_stats import add_stats, metrics_from_stats, parse_rate
 from proper_fed.data.metrics import cohort_labels
-from proper_fed.metric_stats import add_stats, metrics_from_stats, parse_rate
-from proper_fed.reply_schema import COST_KEYS
-from proper_fed.run_settings import RunSettings
-from proper_fed.wire import METRICS
+from proper_fed.federation.reply_schema import COST_KEYS
+from proper_fed.federation.run_settings import RunSettings
+from proper_fed.federation.wire import METRICS
 
 
 @dataclass
@@ -128,8 +128,8 @@ def write_results(
 
 
 def _precision(settings: RunSettings) -> dict:
-    from proper_fed.backbone import resolve_device
-    from proper_fed.precision import resolve_precision
+    from proper_fed.model.backbone import resolve_device
+    from proper_fed.model.precision import resolve_precision
 
     cfg = settings.proper.backbone
     return resolve_precision(cfg.dtype, resolve_device(cfg.device)).to_dict()

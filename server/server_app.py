@@ -14,13 +14,12 @@ from flwr.app import Context, Message
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-from proper_fed.backbone import model_folder
-from proper_fed.base_store import base_hash, load_base_state_dict, side_files
-from proper_fed.bundle import Bundle, build_bundle
+from proper_fed.artifacts.base_store import base_hash, load_base_state_dict, side_files
+from proper_fed.artifacts.bundle import Bundle, build_bundle
 from proper_fed.data import FederationSplit
 from proper_fed.data.baselines import has_label_baselines, label_ranking
-from proper_fed.run_settings import RunSettings, load_split
-from proper_fed.wire import (
+from proper_fed.federation.run_settings import RunSettings, load_split
+from proper_fed.federation.wire import (
     QUERY_BASE,
     RUN_LABEL_RANKING,
     RUN_TASK,
@@ -29,6 +28,7 @@ from proper_fed.wire import (
     tensor_group,
     variant_entry,
 )
+from proper_fed.model.backbone import model_folder
 from server.progress import Progress
 from server.results import DeviceReply, write_results
 from server.server_stages import ServerModel

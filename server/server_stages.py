@@ -9,15 +9,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from proper_fed import stages
-from proper_fed.backbone import Backbone
 from proper_fed.config import ProperConfig
-from proper_fed.distributed import Ranks
+from proper_fed.data.example import Example
 from proper_fed.errors import CheckpointError
-from proper_fed.example import Example
 from proper_fed.methods import PROPER, ServerChange, method
-from proper_fed.proper_model import ProperModel
-from proper_fed.trainer import FolderCheckpointer
+from proper_fed.model.backbone import Backbone
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.train import stages
+from proper_fed.train.distributed import Ranks
+from proper_fed.train.trainer import FolderCheckpointer
 
 log = logging.getLogger(__name__)
 

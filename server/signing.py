@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from proper_fed import crypto
+from proper_fed.artifacts import crypto
 
 log = logging.getLogger(__name__)
 

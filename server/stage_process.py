@@ -14,9 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from proper_fed.distributed import Ranks, launch
 from proper_fed.errors import ProperFedError
-from proper_fed.run_settings import RunSettings
+from proper_fed.federation.run_settings import RunSettings
+from proper_fed.train.distributed import Ranks, launch
 from server.server_stages import ServerModel, train_all
 
 
@@ -46,7 +46,7 @@ class _EpochsToProgress(logging.Handler):
 def _report_epochs(settings: RunSettings, progress_t0: float) -> None:
     from server.progress import Progress
 
-    for name in ("proper_fed.trainer", "proper_fed.distributed", "server.server_stages"):
+    for name in ("proper_fed.train.trainer", "proper_fed.train.distributed", "server.server_stages"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
         logger.addHandler(_EpochsToProgress(Progress(settings.out, t0=progress_t0, append=True)))
@@ -88,9 +88,9 @@ def _train_rank(
 
 
 def _train_stages(settings: RunSettings, ranks: Ranks | None) -> dict[str, ServerModel]:
-    from proper_fed.backbone import load_backbone
     from proper_fed.data import server_training_examples
-    from proper_fed.run_settings import load_split
+    from proper_fed.federation.run_settings import load_split
+    from proper_fed.model.backbone import load_backbone
 
     split = load_split(settings)
     backbone = load_backbone(settings.proper.backbone)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psutil
 
-from proper_fed.certs import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
+from proper_fed.artifacts.certs import CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE
 from proper_fed.errors import ConfigError, DeployError
-from proper_fed.processes import (
+from proper_fed.federation.processes import (
     LogFollower,
     executable,
     format_address,

@@ -1,4 +1,4 @@
-"""The server's side of the wire contract (`proper_fed.wire`): the messages it sends as Flower records, and
+"""The server's side of the wire contract (`proper_fed.federation.wire`): the messages it sends as Flower records, and
 the bytes each one costs on the wire."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-from proper_fed import wire
-from proper_fed.bundle import Bundle, bundle_to_records
+from proper_fed.artifacts.bundle import Bundle, bundle_to_records
+from proper_fed.federation import wire
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from proper_fed.example import Example
+from proper_fed.data.example import Example
 
 # Measured on 2-core CPUs (SmolLM2-135M, short prompts), as ratios to what the estimate measures:
 FACTORS = {
@@ -113,7 +113,7 @@ def count_work(settings, split, lengths_of) -> Work:
 
 def measure_s_per_token(model, examples: Sequence[Example], cfg, threads: int) -> float:
     """Seconds per training token of a few real population-stage steps at `threads` CPU threads."""
-    from proper_fed.batching import collate, encode_all, predicting_positions, target_loss_at
+    from proper_fed.train.batching import collate, encode_all, predicting_positions, target_loss_at
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -139,10 +139,10 @@ def measure_s_per_token(model, examples: Sequence[Example], cfg, threads: int) -
 
 def estimate_run(settings, split, device_parallel: int, with_plots: bool) -> Estimate:
     """Load the run's backbone, measure, count, price."""
-    from proper_fed.backbone import load_backbone
-    from proper_fed.batching import encode
     from proper_fed.data import server_training_examples
-    from proper_fed.proper_model import ProperModel
+    from proper_fed.model.backbone import load_backbone
+    from proper_fed.model.proper_model import ProperModel
+    from proper_fed.train.batching import encode
 
     t0 = time.perf_counter()
     backbone = load_backbone(settings.proper.backbone)

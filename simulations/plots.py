@@ -13,12 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from proper_fed.backbone import Backbone  # noqa: E402
-from proper_fed.batching import collate, encode_all  # noqa: E402
-from proper_fed.example import Example  # noqa: E402
-from proper_fed.proper_model import ProperModel  # noqa: E402
-from proper_fed.routing import per_user_routing  # noqa: E402
-from proper_fed.stages import serving_mode  # noqa: E402
+from proper_fed.data.example import Example  # noqa: E402
+from proper_fed.model.backbone import Backbone  # noqa: E402
+from proper_fed.model.proper_model import ProperModel  # noqa: E402
+from proper_fed.model.routing import per_user_routing  # noqa: E402
+from proper_fed.train.batching import collate, encode_all  # noqa: E402
+from proper_fed.train.stages import serving_mode  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from proper_fed.atomic import atomic_write_text
+from proper_fed.data.metric_stats import PRIMARY_METRIC
 from proper_fed.methods import METHODS, REPORT_ORDER
-from proper_fed.metric_stats import PRIMARY_METRIC
 
 PRIMARY = PRIMARY_METRIC  # task type -> (metric, higher is better)
 NO_LLM = tuple(name for name, m in METHODS.items() if not m.uses_llm)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from proper_fed.atomic import atomic_write_text
-from proper_fed.backbone import cache_dir
 from proper_fed.errors import ConfigError, ProperFedError
-from proper_fed.processes import executable, flwr_env
-from proper_fed.run_config import load_run_config, resolve, rotate_results, write_run_config
-from proper_fed.run_settings import DEVICE_NODES_DIR, load_split
+from proper_fed.federation.processes import executable, flwr_env
+from proper_fed.federation.run_config import load_run_config, resolve, rotate_results, write_run_config
+from proper_fed.federation.run_settings import DEVICE_NODES_DIR, load_split
+from proper_fed.model.backbone import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ class Outcome:
 
 def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str, Path]:
     """Routing plots from the server's saved stages (on server users), and the cohort plot."""
-    from proper_fed.backbone import load_backbone
     from proper_fed.data import server_training_examples
     from proper_fed.data.synthetic import generate_synthetic
-    from proper_fed.run_settings import BUILTIN_DATA, RunSettings, load_split
+    from proper_fed.federation.run_settings import BUILTIN_DATA, RunSettings, load_split
+    from proper_fed.model.backbone import load_backbone
 
     metric, _ = PRIMARY[results.get("task_type", "classification")]
     made = {"metric by history length": plots.cohort_plot(results, metric, out / "cohorts.png")}
@@ -64,7 +64,7 @@ def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str
 
 def estimate(p: SimulationPlan, with_plots: bool) -> Estimate:
     """The run's time on this machine, from a short measurement (see simulations/estimate.py)."""
-    from proper_fed.run_settings import RunSettings, load_split
+    from proper_fed.federation.run_settings import RunSettings, load_split
 
     settings = RunSettings.from_run_config(p.run_config)
     cpus = float(p.federation.get("client-resources-num-cpus", 1)) or 1.0
@@ -73,7 +73,7 @@ def estimate(p: SimulationPlan, with_plots: bool) -> Estimate:
 
 
 def _device_user_ids(p: SimulationPlan) -> list[str]:
-    from proper_fed.run_settings import RunSettings, load_split
+    from proper_fed.federation.run_settings import RunSettings, load_split
 
     return [u.user_id for u in load_split(RunSettings.from_run_config(p.run_config)).device_users]
 

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from proper_fed.backbone import load_backbone
     from proper_fed.config import BackboneConfig
+    from proper_fed.model.backbone import load_backbone
 
     return load_backbone(BackboneConfig(model="tiny", device="cpu", dtype="fp32"))

@@ -5,8 +5,8 @@ import copy
 import torch
 
 from proper_fed.config import AdapterConfig
-from proper_fed.example import Example
-from proper_fed.proper_model import ProperModel
+from proper_fed.data.example import Example
+from proper_fed.model.proper_model import ProperModel
 
 SMALL = AdapterConfig(population_rank=4, group_rank=2, user_rank=2, num_experts=3, user_embedding_dim=8)
 
@@ -31,7 +31,7 @@ def planted_groups(n_users: int = 8, per_user: int = 12) -> list[Example]:
 
 
 def batch_for(model: ProperModel, examples: list[Example]):
-    from proper_fed.batching import collate, encode_all
+    from proper_fed.train.batching import collate, encode_all
 
     enc = encode_all(model.backbone, examples, 64)
     return collate(enc, model.backbone.tokenizer.pad_token_id, model.backbone.device)

@@ -3,8 +3,8 @@
 import torch
 from model_helpers import SMALL, batch_for, fresh_model, logits, planted_groups
 
-from proper_fed.proper_linear import ProperLinear
-from proper_fed.stages import serving_mode
+from proper_fed.model.proper_linear import ProperLinear
+from proper_fed.train.stages import serving_mode
 
 MODES = ["base", "population", "group", "user"]
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from proper_fed.backbone import load_backbone, model_folder
 from proper_fed.config import BackboneConfig
 from proper_fed.errors import ModelLoadError
+from proper_fed.model.backbone import load_backbone, model_folder
 
 
 def test_hub_id_fails_with_a_message_to_pass_a_local_folder():

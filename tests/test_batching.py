@@ -4,7 +4,8 @@ and gradients: the trainer computes the head only where a target token is predic
 import torch
 from model_helpers import fresh_model
 
-from proper_fed.batching import (
+from proper_fed.data.example import Example
+from proper_fed.train.batching import (
     IGNORE,
     collate,
     encode_all,
@@ -12,7 +13,6 @@ from proper_fed.batching import (
     target_loss,
     target_loss_at,
 )
-from proper_fed.example import Example
 
 
 def test_positions_are_those_that_predict_a_target_in_any_row():

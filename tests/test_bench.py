@@ -11,13 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from proper_fed.backbone import load_backbone
-from proper_fed.bench import PEAK_SIZE, _matmul_peak, _peak_notes, run_benchmark
 from proper_fed.config import AdapterConfig, BackboneConfig
 from proper_fed.errors import ConfigError
-from proper_fed.precision import compute_dtype, resolve_precision
-from proper_fed.proper_linear import ProperLinear
-from proper_fed.routing import RoutingContext
+from proper_fed.model.backbone import load_backbone
+from proper_fed.model.precision import compute_dtype, resolve_precision
+from proper_fed.model.proper_linear import ProperLinear
+from proper_fed.model.routing import RoutingContext
+from proper_fed.tools.bench import PEAK_SIZE, _matmul_peak, _peak_notes, run_benchmark
 from proper_fed_cli.main import app  # every sub-command, as `proper-fed` has them
 
 STAGE_KEYS = ("proper_step_s", "peft_lora_step_s", "ratio", "proper_tokens_per_s", "peft_tokens_per_s")

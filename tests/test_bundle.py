@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from proper_fed import crypto
-from proper_fed.bundle import (
+from proper_fed.artifacts import crypto
+from proper_fed.artifacts.bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     Bundle,

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from proper_fed.certs import create_node_auth_keypair, write_certs
+from proper_fed.artifacts.certs import create_node_auth_keypair, write_certs
 from proper_fed.errors import ConfigError
 
 

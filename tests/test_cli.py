@@ -31,8 +31,8 @@ def test_help_builds_every_command_without_importing_torch_or_flwr():
 
 @pytest.fixture(scope="module")
 def device_files(tmp_path_factory):
-    from proper_fed import crypto
-    from proper_fed.certs import create_node_auth_keypair, write_certs
+    from proper_fed.artifacts import crypto
+    from proper_fed.artifacts.certs import create_node_auth_keypair, write_certs
     from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic, write_synthetic
 
     root = tmp_path_factory.mktemp("cli")

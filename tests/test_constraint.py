@@ -2,7 +2,7 @@
 
 import torch
 
-from proper_fed.routing import constraint_loss, per_user_routing
+from proper_fed.model.routing import constraint_loss, per_user_routing
 
 
 def _gates(per_user: list[list[float]], tokens: int = 3) -> torch.Tensor:

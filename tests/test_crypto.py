@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from proper_fed import crypto
+from proper_fed.artifacts import crypto
 from proper_fed.errors import CryptoError
 
 

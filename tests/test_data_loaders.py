@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from proper_fed.data import get_task, load_dataset, load_task_spec
-from proper_fed.example import Example
+from proper_fed.data.example import Example
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 NUMPY = Path(__file__).parents[2] / "shared" / "data" / "numpy-commit-tags"

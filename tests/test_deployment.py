@@ -109,7 +109,7 @@ def watch_and_kill(store: Path, proc: subprocess.Popen, done: dict) -> None:
 def fed(tmp_path_factory):
     from proper_fed.data import load_dataset, split_federation
     from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic, write_synthetic
-    from proper_fed.processes import free_port
+    from proper_fed.federation.processes import free_port
 
     root = tmp_path_factory.mktemp("deployment")
     env = {
@@ -229,8 +229,8 @@ def test_bytes_are_accounted_per_device(fed):
 def run_schema(fed):
     """The reply schema of the test's run, from public facts only: its methods and the task's label set."""
     from proper_fed.data.task_spec import load_task_spec
-    from proper_fed.reply_schema import run_reply_schema
-    from proper_fed.run_settings import RunSettings
+    from proper_fed.federation.reply_schema import run_reply_schema
+    from proper_fed.federation.run_settings import RunSettings
 
     methods = next(a.split("=", 1)[1] for a in RUN_ARGS if a.startswith("methods=")).split(",")
     task = load_task_spec(fed.root / "data" / "all" / "task.toml")
@@ -334,7 +334,7 @@ def test_unknown_ca_is_refused(fed):
 
 
 def _tiny_bundle(key, scale: float = 1.0):
-    from proper_fed.bundle import build_bundle
+    from proper_fed.artifacts.bundle import build_bundle
 
     tensors = {
         "proper.population": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3) * scale},
@@ -354,8 +354,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def device(tmp_path):
     from client.device import keep_bundle
     from client.store import AdapterStore
-    from proper_fed import crypto
-    from proper_fed.run_settings import RunSettings
+    from proper_fed.artifacts import crypto
+    from proper_fed.federation.run_settings import RunSettings
 
     key = crypto.generate_signing_key()
     crypto.save_public_key(key.public_key(), tmp_path / "signing.pub")
@@ -368,7 +368,7 @@ def device(tmp_path):
 
 def test_tampered_bundle_is_refused_and_nothing_on_the_device_is_overwritten(device):
     from client.device import receive_bundle
-    from proper_fed.bundle import bundle_to_records
+    from proper_fed.artifacts.bundle import bundle_to_records
     from proper_fed.errors import BundleError
 
     before = _snapshot(device.store.root)
@@ -382,8 +382,8 @@ def test_tampered_bundle_is_refused_and_nothing_on_the_device_is_overwritten(dev
 
 def test_bundle_signed_by_another_key_is_refused(device):
     from client.device import receive_bundle
-    from proper_fed import crypto
-    from proper_fed.bundle import bundle_to_records
+    from proper_fed.artifacts import crypto
+    from proper_fed.artifacts.bundle import bundle_to_records
     from proper_fed.errors import BundleError
 
     before = _snapshot(device.store.root)
@@ -394,8 +394,8 @@ def test_bundle_signed_by_another_key_is_refused(device):
 
 
 def test_kept_bundle_verifies_from_disk(device):
-    from proper_fed import crypto
-    from proper_fed.bundle import load_bundle, verify_bundle
+    from proper_fed.artifacts import crypto
+    from proper_fed.artifacts.bundle import load_bundle, verify_bundle
 
     verify_bundle(
         load_bundle(device.store.root / "bundle"), crypto.load_public_key(device.node["server-public-key"])
@@ -409,7 +409,7 @@ def test_interrupted_user_stage_resumes_bit_identically_from_its_encrypted_check
 
     from client.store import AdapterStore
     from proper_fed.config import TrainConfig
-    from proper_fed.stages import train_user
+    from proper_fed.train.stages import train_user
 
     cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=4, max_length=32, progress=False)
     examples = planted_groups(n_users=1, per_user=8)
@@ -433,8 +433,8 @@ def test_interrupted_user_stage_resumes_bit_identically_from_its_encrypted_check
 
 def test_enrollment_pins_the_server_key_and_refuses_another(tmp_path):
     from client.enroll import enroll, load_enrollment
-    from proper_fed import crypto
-    from proper_fed.certs import write_certs
+    from proper_fed.artifacts import crypto
+    from proper_fed.artifacts.certs import write_certs
     from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic, write_synthetic
     from proper_fed.errors import ConfigError
 
@@ -458,7 +458,7 @@ def test_enrollment_pins_the_server_key_and_refuses_another(tmp_path):
 def test_superlink_command_and_flwr_connection(tmp_path):
     import tomllib
 
-    from proper_fed.certs import write_certs
+    from proper_fed.artifacts.certs import write_certs
     from proper_fed.errors import ConfigError
     from server.connection import write_connection
     from server.superlink import SuperLinkSpec, TlsFiles

@@ -18,9 +18,9 @@ import pytest
 import torch
 from model_helpers import SMALL, planted_groups
 
-from proper_fed.backbone import load_backbone
 from proper_fed.config import BackboneConfig, ProperConfig, TrainConfig
-from proper_fed.distributed import Ranks, launch
+from proper_fed.model.backbone import load_backbone
+from proper_fed.train.distributed import Ranks, launch
 from server.server_stages import ServerModel, train_server_model
 
 ATOL = 1e-5

@@ -4,7 +4,7 @@ measurement on this machine."""
 import math
 
 from proper_fed.data import device_training_examples, server_training_examples
-from proper_fed.run_settings import RunSettings, load_split
+from proper_fed.federation.run_settings import RunSettings, load_split
 from simulations.estimate import count_work, estimate_run
 from simulations.run import plan
 

@@ -34,14 +34,14 @@ PERSONALIZE = textwrap.dedent(
     import torch
     from client.device import DeviceUser, load_device_backbone, personalize_device
     from client.store import AdapterStore
-    from proper_fed import crypto
-    from proper_fed.backbone import model_folder
-    from proper_fed.base_store import base_hash
-    from proper_fed.bundle import build_bundle
+    from proper_fed.artifacts import crypto
+    from proper_fed.model.backbone import model_folder
+    from proper_fed.artifacts.base_store import base_hash
+    from proper_fed.artifacts.bundle import build_bundle
     from proper_fed.config import AdapterConfig
-    from proper_fed.proper_model import ProperModel
-    from proper_fed.run_settings import RunSettings, load_split
-    from proper_fed.wire import SHIPPED_SCOPES, tensor_group, variant_entry
+    from proper_fed.model.proper_model import ProperModel
+    from proper_fed.federation.run_settings import RunSettings, load_split
+    from proper_fed.federation.wire import SHIPPED_SCOPES, tensor_group, variant_entry
 
 
     def personalize(run_config, store_dir, user_ids):

@@ -71,8 +71,8 @@ def test_variants_change_the_server_config_as_named():
 
 
 def test_unknown_names_and_mixes_are_typed_errors_not_asserts():
-    from proper_fed.routing import RoutingContext
-    from proper_fed.run_settings import RunSettings
+    from proper_fed.federation.run_settings import RunSettings
+    from proper_fed.model.routing import RoutingContext
 
     with pytest.raises(ConfigError, match="unknown method 'bogus'"):
         method("bogus")

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from proper_fed.data import get_task
+from proper_fed.data.metric_stats import add_stats, metrics_from_stats, parse_rate, query_stats
 from proper_fed.data.metrics import classification_metrics, rating_metrics, rouge_metrics
-from proper_fed.metric_stats import add_stats, metrics_from_stats, parse_rate, query_stats
 
 
 def _split(xs, sizes):

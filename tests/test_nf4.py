@@ -12,11 +12,11 @@ import torch
 from model_helpers import SMALL, batch_for, planted_groups
 from torch import nn
 
-from proper_fed.backbone import load_backbone
-from proper_fed.batching import target_loss
 from proper_fed.config import BackboneConfig
-from proper_fed.generate import generate
-from proper_fed.proper_model import ProperModel
+from proper_fed.model.backbone import load_backbone
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.train.batching import target_loss
+from proper_fed.train.generate import generate
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402

@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from proper_fed import precision
-from proper_fed.backbone import load_backbone
 from proper_fed.config import BackboneConfig
+from proper_fed.model import precision
+from proper_fed.model.backbone import load_backbone
 
 CPU = torch.device("cpu")
 
@@ -39,7 +39,7 @@ def test_auto_is_bf16_autocast_on_a_cpu_with_native_bf16(monkeypatch, flag):
 
 def test_forcing_bf16_without_native_bf16_is_honoured_with_a_warning(monkeypatch, caplog):
     _flags(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="proper_fed.precision"):
+    with caplog.at_level(logging.WARNING, logger="proper_fed.model.precision"):
         p = precision.resolve_precision("fp32-autocast-bf16", CPU)
     assert p.dtype == "fp32-autocast-bf16"
     assert "50 times slower" in caplog.text and "dtype='auto'" in caplog.text
@@ -47,7 +47,7 @@ def test_forcing_bf16_without_native_bf16_is_honoured_with_a_warning(monkeypatch
 
 def test_forced_fp32_never_warns(monkeypatch, caplog):
     _flags(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="proper_fed.precision"):
+    with caplog.at_level(logging.WARNING, logger="proper_fed.model.precision"):
         assert precision.resolve_precision("fp32", CPU).dtype == "fp32"
     assert not caplog.text
 

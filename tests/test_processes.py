@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from proper_fed.errors import DeployError
-from proper_fed.processes import executable, flwr_env, free_port, read_pid, spawn, stop_tree
+from proper_fed.federation.processes import executable, flwr_env, free_port, read_pid, spawn, stop_tree
 
 CHILD = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); time.sleep(300)"
 
@@ -46,7 +46,7 @@ def test_flower_executables_are_found_beside_this_interpreter():
 
 @pytest.fixture(scope="module")
 def tls_superlink(tmp_path_factory):
-    from proper_fed.certs import write_certs
+    from proper_fed.artifacts.certs import write_certs
     from server import superlink
 
     root = tmp_path_factory.mktemp("superlink")

@@ -7,16 +7,16 @@ import pytest
 import torch
 from model_helpers import fresh_model, planted_groups
 
-from proper_fed import stages
-from proper_fed.batching import encode, target_loss
 from proper_fed.config import TrainConfig
+from proper_fed.data.example import Example
+from proper_fed.data.scoring import check_protocols, scored_name
 from proper_fed.data.task_spec import TaskSpec
 from proper_fed.errors import ConfigError
-from proper_fed.example import Example
-from proper_fed.personalize import evaluate, max_new_tokens_for
-from proper_fed.rank import label_log_likelihoods, rank_answers
-from proper_fed.run_settings import RunSettings
-from proper_fed.scoring import check_protocols, scored_name
+from proper_fed.federation.run_settings import RunSettings
+from proper_fed.train import stages
+from proper_fed.train.batching import encode, target_loss
+from proper_fed.train.personalize import evaluate, max_new_tokens_for
+from proper_fed.train.rank import label_log_likelihoods, rank_answers
 
 LABELS = ["alpha", "beta", "dark comedy twist", "x"]  # different token lengths: the batch is padded
 

@@ -14,9 +14,9 @@ import pytest
 
 from proper_fed.data import get_task
 from proper_fed.data.baselines import has_label_baselines
+from proper_fed.data.metric_stats import query_stats
 from proper_fed.errors import ConfigError
-from proper_fed.metric_stats import query_stats
-from proper_fed.reply_schema import reply_schema, run_reply_schema, scoring_protocols
+from proper_fed.federation.reply_schema import reply_schema, run_reply_schema, scoring_protocols
 
 METHODS = ("zero_shot", "population", "proper_group", "oppu", "proper")
 LAMP = ("LaMP-1", "LaMP-2", "LaMP-2N", "LaMP-3", "LaMP-4")
@@ -155,7 +155,7 @@ def test_the_server_tables_each_protocol_as_a_method_with_its_parse_rate(tmp_pat
 
     from proper_fed.data import split_federation
     from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic
-    from proper_fed.run_settings import RunSettings
+    from proper_fed.federation.run_settings import RunSettings
     from server.results import DeviceReply, write_results
 
     split = split_federation(generate_synthetic(SyntheticConfig(users=8, groups=2)).dataset, 0.5, 0)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from lamp_scorer import score
 
+from proper_fed.data.metric_stats import metrics_from_stats, query_stats
+from proper_fed.data.scoring import scored_answer
 from proper_fed.data.task_spec import TaskSpec
-from proper_fed.metric_stats import metrics_from_stats, query_stats
-from proper_fed.run_settings import RunSettings, load_split
-from proper_fed.scoring import scored_answer
+from proper_fed.federation.run_settings import RunSettings, load_split
 from simulations.run import merge_predictions
 
 QUICK = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "quick.toml"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from proper_fed.errors import ConfigError
-from proper_fed.run_config import (
+from proper_fed.federation.run_config import (
     default_run_config,
     flatten_config,
     load_run_config,
@@ -14,7 +14,7 @@ from proper_fed.run_config import (
     resolve,
     write_run_config,
 )
-from proper_fed.run_settings import RunSettings
+from proper_fed.federation.run_settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "simulations" / "configs"

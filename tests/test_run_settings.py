@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from proper_fed.errors import ConfigError
-from proper_fed.run_settings import RunSettings
+from proper_fed.federation.run_settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_bad_run_config_is_refused_with_the_key_named(flat, needle):
 
 
 def test_simulation_configs_all_parse():
-    from proper_fed.run_config import load_run_config
+    from proper_fed.federation.run_config import load_run_config
     from simulations.run import CONFIGS
 
     for path in CONFIGS.glob("*.toml"):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from model_helpers import batch_for, fresh_model, planted_groups
 
-from proper_fed import stages
 from proper_fed.config import TrainConfig
-from proper_fed.routing import per_user_routing
-from proper_fed.trainer import FolderCheckpointer
+from proper_fed.model.routing import per_user_routing
+from proper_fed.train import stages
+from proper_fed.train.trainer import FolderCheckpointer
 
 FAST = TrainConfig(epochs=1, lr=1e-2, batch_size=8, progress=False, seed=0)
 
@@ -81,7 +81,7 @@ def test_lora_aware_router_receives_gradients(tiny_backbone):
         for layer in model.layers.values():
             layer.lora_user_B.normal_(0, 0.01)
     batch = batch_for(model, exs)
-    from proper_fed.batching import target_loss
+    from proper_fed.train.batching import target_loss
 
     out = model(batch["input_ids"], batch["attention_mask"], use_cache=False)
     target_loss(out.logits, batch["labels"]).backward()
@@ -102,7 +102,7 @@ def test_user_stage_ablations_train_only_the_user_lora(tiny_backbone):
 
 
 def _mean_loss(model, exs, users=True):
-    from proper_fed.batching import target_loss
+    from proper_fed.train.batching import target_loss
 
     batch = batch_for(model, exs)
     rows = model.user_rows([e.user_id for e in exs]) if users else None

@@ -1,4 +1,5 @@
-"""The wire contract (proper_fed/wire.py) is one codec and one set of names, used by the server and the device."""
+"""The wire contract (proper_fed/federation/wire.py) is one codec and one set of names, used by the server and
+the device."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from proper_fed import wire
 from proper_fed.errors import BundleError
+from proper_fed.federation import wire
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -68,8 +69,8 @@ def test_the_device_builds_the_user_table_from_the_shipped_row_count(tiny_backbo
     from model_helpers import fresh_model
 
     from client.device import server_model
-    from proper_fed import crypto
-    from proper_fed.bundle import build_bundle
+    from proper_fed.artifacts import crypto
+    from proper_fed.artifacts.bundle import build_bundle
 
     server = fresh_model(tiny_backbone)
     server.set_users(["alice", "bob", "carol"])

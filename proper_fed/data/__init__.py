@@ -1,4 +1,5 @@
-"""LaMP-style personalization data: loaders, tasks, metrics, federation splits, synthetic data, baselines."""
+"""LaMP-style personalization data: loaders, tasks, examples, metrics and their statistics, scoring protocols,
+federation splits, synthetic data, baselines."""
 
 from proper_fed.data.baselines import majority_predictions, user_majority_predictions
 from proper_fed.data.inspect import DatasetStats, inspect_dataset

@@ -17,10 +17,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from proper_fed.data.example import Example
 from proper_fed.data.task_spec import TaskSpec
 from proper_fed.data.types import Dataset, ProfileItem, User
 from proper_fed.errors import ConfigError
-from proper_fed.example import Example
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from proper_fed.data import metrics as _metrics
+from proper_fed.data.example import Example
 from proper_fed.data.parse import canonical_label, canonical_rating, parse_label, parse_rating
 from proper_fed.data.types import ProfileItem, Query, User
 from proper_fed.errors import ConfigError, DataError
-from proper_fed.example import Example
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,19 @@ import torch
 from tqdm.auto import tqdm
 
 from proper_fed.atomic import atomic_write_bytes
-from proper_fed.batching import IGNORE, Encoded, collate, encode_all, predicting_positions, target_loss_at
 from proper_fed.config import TrainConfig
-from proper_fed.distributed import Ranks
+from proper_fed.data.example import Example
 from proper_fed.errors import CheckpointError
-from proper_fed.example import Example
-from proper_fed.proper_model import UNKNOWN_USER, ProperModel
+from proper_fed.model.proper_model import UNKNOWN_USER, ProperModel
+from proper_fed.train.batching import (
+    IGNORE,
+    Encoded,
+    collate,
+    encode_all,
+    predicting_positions,
+    target_loss_at,
+)
+from proper_fed.train.distributed import Ranks
 
 log = logging.getLogger(__name__)
 

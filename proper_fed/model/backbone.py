@@ -22,7 +22,7 @@ from torch import nn
 
 from proper_fed.config import BackboneConfig
 from proper_fed.errors import ModelLoadError
-from proper_fed.precision import Precision, compute_dtype, resolve_precision
+from proper_fed.model.precision import Precision, compute_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def tiny_folder(seed: int = 0) -> Path:
     target = cache_dir() / f"tiny-llama-v2-{seed}"
     if (target / "config.json").exists():
         return target
-    from proper_fed.tiny_model import build_tiny
+    from proper_fed.model.tiny_model import build_tiny
 
     with atomic_folder(target) as tmp:
         model, tok = build_tiny(seed)

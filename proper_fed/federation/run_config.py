@@ -20,7 +20,7 @@ from typing import Any
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.errors import ConfigError
-from proper_fed.run_settings import BUILTIN_DATA, SECTIONS, RunSettings
+from proper_fed.federation.run_settings import BUILTIN_DATA, SECTIONS, RunSettings
 
 # Keys that name files the run reads (searched for) and that it writes (relative to the working folder).
 INPUT_PATH_KEYS = ("data", "task", "server-key", "server-public-key")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from proper_fed.proper_model import ProperModel
+from proper_fed.model.proper_model import ProperModel
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from proper_fed.batching import prompt_ids, target_ids
-from proper_fed.proper_model import ProperModel
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.train.batching import prompt_ids, target_ids
 
 
 @torch.no_grad()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from proper_fed.artifacts.bundle import content_hash_state_dict
 from proper_fed.atomic import atomic_write_text, staged_dir
-from proper_fed.backbone import DEFAULT_MODEL, TINY_MODEL, cache_dir, model_folder
-from proper_fed.bundle import content_hash_state_dict
 from proper_fed.errors import BundleError
+from proper_fed.model.backbone import DEFAULT_MODEL, TINY_MODEL, cache_dir, model_folder
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ import safetensors.torch
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from proper_fed import crypto
+from proper_fed.artifacts import crypto
 from proper_fed.atomic import staged_dir
 from proper_fed.errors import BundleError
-from proper_fed.wire import decode_tensors, encode_tensors
+from proper_fed.federation.wire import decode_tensors, encode_tensors
 
 logger = logging.getLogger(__name__)
 

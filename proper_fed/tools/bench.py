@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from proper_fed.backbone import Backbone, load_backbone
-from proper_fed.batching import target_loss
 from proper_fed.config import AdapterConfig, BackboneConfig, TrainConfig
 from proper_fed.errors import ConfigError, ModelLoadError
-from proper_fed.precision import (
+from proper_fed.model.backbone import Backbone, load_backbone
+from proper_fed.model.precision import (
     REPORTED_CPU_FLAGS,
     Precision,
     compute_dtype,
@@ -39,8 +38,9 @@ from proper_fed.precision import (
     cpu_name,
     resolve_precision,
 )
-from proper_fed.proper_model import ProperModel
-from proper_fed.routing import constraint_loss
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.model.routing import constraint_loss
+from proper_fed.train.batching import target_loss
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ NOTES = {
     ),
     "precision": (
         "config.dtype is what was asked (default 'auto'); config.precision is what it resolved to on this "
-        "device (proper_fed.precision): bf16 autocast only where bf16 is native (a CUDA GPU with bf16, an x86 "
+        "device (proper_fed.model.precision): bf16 autocast only where bf16 is native (a CUDA GPU with bf16, an x86 "
         "CPU with avx512_bf16 or amx_bf16), fp32 otherwise; `flags` are the CPU flags (or CUDA capability) "
         "the choice was made from. machine.cpu_flags lists the CPU's own flags of interest."
     ),
@@ -143,7 +143,8 @@ def run_benchmark(
 ) -> dict:
     """Time PROPER's user and group stages and a peft LoRA of the same total rank, the user stage in nf4 when
     `nf4`, and this machine's matmul peak; see `NOTES` for what each figure is. `model` is "tiny",
-    "smollm2-135m" or a local folder, as for `load_backbone`; `dtype` "auto" resolves by `proper_fed.precision`."""
+    "smollm2-135m" or a local folder, as for `load_backbone`; `dtype` "auto" resolves by
+    `proper_fed.model.precision`."""
     for name, value, low in (
         ("batch_size", batch_size, 1),
         ("seq_len", seq_len, 2),
@@ -494,7 +495,9 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
 def _model_memory(bcfg: BackboneConfig) -> dict[str, float]:
     """Weight memory of the backbone loaded in nf4 and in bf16."""
     figures: dict[str, float] = {}
-    with _quiet("proper_fed.precision"):  # no math runs in these loads: a slow-bf16 warning would mislead
+    with _quiet(
+        "proper_fed.model.precision"
+    ):  # no math runs in these loads: a slow-bf16 warning would mislead
         try:
             nf4 = load_backbone(
                 BackboneConfig(model=bcfg.model, device=bcfg.device, dtype="bf16", load_in_4bit=True)

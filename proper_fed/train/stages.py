@@ -12,13 +12,20 @@ from collections.abc import Sequence
 import torch
 
 from proper_fed.config import TrainConfig
-from proper_fed.distributed import Ranks, constraint_loss_across_ranks
+from proper_fed.data.example import Example
 from proper_fed.errors import ConfigError
-from proper_fed.example import Example
 from proper_fed.methods import ExpertMix, Stage, as_expert_mix, as_stage
-from proper_fed.proper_model import ProperModel
-from proper_fed.routing import constraint_loss
-from proper_fed.trainer import Checkpointer, ExtraLoss, Shard, StageResult, run_stage, unknown_user_dropout
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.model.routing import constraint_loss
+from proper_fed.train.distributed import Ranks, constraint_loss_across_ranks
+from proper_fed.train.trainer import (
+    Checkpointer,
+    ExtraLoss,
+    Shard,
+    StageResult,
+    run_stage,
+    unknown_user_dropout,
+)
 
 # How the device-side stage may mix the frozen experts: PROPER's LoRA-aware router, the ablation's uniform mix,
 # or no experts at all (OPPU: population + a per-user LoRA). The user-aware router needs a user table row.

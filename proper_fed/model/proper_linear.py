@@ -19,7 +19,7 @@ from torch import nn
 
 from proper_fed.config import AdapterConfig
 from proper_fed.methods import ExpertMix
-from proper_fed.routing import RoutingContext
+from proper_fed.model.routing import RoutingContext
 
 SCOPES = ("population", "group", "user")
 # Which parameters belong to which scope: the single source for freezing, saving and the wire.

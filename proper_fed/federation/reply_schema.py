@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from proper_fed.data.metric_stats import PER_LABEL, label_key
+from proper_fed.data.scoring import PROTOCOLS, RANKABLE_TYPES, scored_name
 from proper_fed.errors import ConfigError
 from proper_fed.methods import LABEL_BASELINES
-from proper_fed.metric_stats import PER_LABEL, label_key
-from proper_fed.scoring import PROTOCOLS, RANKABLE_TYPES, scored_name
 
 if TYPE_CHECKING:
     from proper_fed.data.task_spec import TaskSpec

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proper_fed import stages
 from proper_fed.config import TrainConfig
+from proper_fed.data.example import Example
+from proper_fed.data.metric_stats import query_stats
+from proper_fed.data.scoring import scored_answer
 from proper_fed.data.task_spec import TaskSpec
 from proper_fed.errors import ConfigError
-from proper_fed.example import Example
-from proper_fed.generate import generate
 from proper_fed.methods import DEVICE_METHODS, METHODS, ExpertMix, Kind, Method, Stage, method
-from proper_fed.metric_stats import query_stats
-from proper_fed.proper_model import ProperModel
-from proper_fed.rank import rank_answers
-from proper_fed.scoring import scored_answer
-from proper_fed.trainer import Checkpointer
+from proper_fed.model.proper_model import ProperModel
+from proper_fed.train import stages
+from proper_fed.train.generate import generate
+from proper_fed.train.rank import rank_answers
+from proper_fed.train.trainer import Checkpointer
 
 log = logging.getLogger(__name__)
 

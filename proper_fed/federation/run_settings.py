@@ -14,10 +14,10 @@ from typing import Any
 
 from proper_fed.config import ProperConfig, _need
 from proper_fed.data import FederationSplit, load_dataset, split_federation
+from proper_fed.data.scoring import PROTOCOLS, check_protocols
 from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic
 from proper_fed.errors import ConfigError
 from proper_fed.methods import DEVICE_METHODS, VARIANTS, Kind, unknown_names
-from proper_fed.scoring import PROTOCOLS, check_protocols
 
 SECTIONS = ("backbone", "adapters", "population", "group", "user")
 BUILTIN_DATA = "synthetic"

@@ -126,7 +126,7 @@ def launch(world: int, fn: Callable[..., T], *args: Any, device: str = "auto", t
 
 
 def _rank_device(rank: int, world: int, device: str) -> torch.device:
-    from proper_fed.backbone import resolve_device
+    from proper_fed.model.backbone import resolve_device
 
     dev = resolve_device(device)
     if dev.type != "cuda":

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from proper_fed.backbone import Backbone
-from proper_fed.example import Example
+from proper_fed.data.example import Example
+from proper_fed.model.backbone import Backbone
 
 IGNORE = -100
 

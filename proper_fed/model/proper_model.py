@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from proper_fed.backbone import Backbone
 from proper_fed.config import AdapterConfig
 from proper_fed.errors import CheckpointError
 from proper_fed.methods import ExpertMix
-from proper_fed.proper_linear import SCOPES, ProperLinear
-from proper_fed.routing import RoutingContext
+from proper_fed.model.backbone import Backbone
+from proper_fed.model.proper_linear import SCOPES, ProperLinear
+from proper_fed.model.routing import RoutingContext
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Tools beside the main path: the training-step speed and memory benchmark."""
