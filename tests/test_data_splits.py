@@ -77,7 +77,7 @@ def test_leak_guard_drops_history_items_that_copy_a_query(synthetic):
     split = split_federation(synthetic, 0.5, seed=0)
     victim = split.device_users[0]
     query = victim.queries[0]
-    text = query.input.split("Item: ")[1]
+    text = query.input.split(": ", 1)[1]  # "React with one of <labels>: <text>"
     copy = ProfileItem(query.id, {"text": text, "label": query.gold})
     same_text = ProfileItem("other-id", {"text": text, "label": query.gold})
     users = [

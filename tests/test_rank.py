@@ -104,3 +104,17 @@ def test_the_shared_prompt_cache_equals_full_forwards_with_the_lora_aware_router
         assert torch.allclose(batched, brute, atol=1e-4), (batched, brute)
     finally:
         model.remove()
+
+
+def test_queries_of_different_lengths_ranked_together_equal_each_alone(group_model):
+    """Left-padded prompts in one batch (positions continue each prompt's own length) score every label as
+    a separate full forward of that prompt + label would, for each query's own user row."""
+    from proper_fed.train.rank import batch_log_likelihoods
+
+    prompts = ["item about cat", "a much longer item about a dog and a cat and a bird", "dog"]
+    users = ["user0", "user1", "user0"]
+    batched = batch_log_likelihoods(group_model, prompts, users, LABELS)  # (Q, L)
+    assert batched.shape == (3, len(LABELS))
+    for i, (prompt, user) in enumerate(zip(prompts, users, strict=True)):
+        brute = torch.tensor([_brute_force(group_model, prompt, user, lab) for lab in LABELS])
+        assert torch.allclose(batched[i], brute, atol=1e-4), (i, batched[i], brute)

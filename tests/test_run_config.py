@@ -45,7 +45,7 @@ def test_round_trip_load_flatten_write_load(tmp_path):
     again = load_run_config(written)
     assert again.flat == flat and again.federation == {}
     assert RunSettings.from_run_config(again.flat) == settings
-    assert settings.proper.user.epochs == 4 and settings.proper.user.max_length == 64  # the main job's
+    assert settings.proper.user.epochs == 3 and settings.proper.user.max_length == 64  # the main job's
 
 
 def test_paths_are_made_absolute_and_names_pass_through(tmp_path, monkeypatch):

@@ -100,7 +100,7 @@ def synthetic_spec(labels: int = DEFAULT_LABELS) -> TaskSpec:
         labels=LABEL_WORDS[:labels],
         input_field="text",
         output_field="label",
-        profile_template="How does this user react? Options: {labels}. Item: {text}",
+        profile_template="React with one of {labels}: {text}",
         aliases=("synthetic",),
         description="Synthetic reactions to short items, with latent user groups.",
     )
