@@ -18,7 +18,15 @@ from pathlib import Path
 import psutil
 
 from proper_fed.errors import DeployError
-from proper_fed.federation.processes import LogFollower, alive, read_pid, spawn, stop_tree, wait_until
+from proper_fed.federation.processes import (
+    LogFollower,
+    alive,
+    read_pid,
+    spawn,
+    stop_recorded,
+    stop_tree,
+    wait_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +54,7 @@ def status(store: Path) -> psutil.Process | None:
 
 def stop(store: Path) -> int | None:
     """Stop the store's SuperNode and everything it started (its ClientApp processes too); its pid, or None."""
-    proc = status(store)
-    if proc is not None:
-        stop_tree(proc)
-        log.info("stopped the SuperNode (pid %d)", proc.pid)
-    (store / PID_FILE).unlink(missing_ok=True)
-    return None if proc is None else proc.pid
+    return stop_recorded(store / PID_FILE, EXECUTABLE)
 
 
 def start(

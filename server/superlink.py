@@ -25,6 +25,7 @@ from proper_fed.federation.processes import (
     port_open,
     read_pid,
     spawn,
+    stop_recorded,
     stop_tree,
     wait_until,
 )
@@ -130,9 +131,4 @@ def start(
 
 def stop(runtime: Path) -> int | None:
     """Stop the SuperLink started from `runtime` and every process it started; its pid, or None."""
-    proc = status(runtime)
-    if proc is not None:
-        stop_tree(proc)
-        log.info("stopped the SuperLink (pid %d)", proc.pid)
-    (runtime / PID_FILE).unlink(missing_ok=True)
-    return None if proc is None else proc.pid
+    return stop_recorded(runtime / PID_FILE, EXECUTABLE)

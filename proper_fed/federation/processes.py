@@ -169,6 +169,17 @@ def stop_tree(proc: psutil.Process, timeout_s: float = 20.0) -> list[int]:
     return [p.pid for p in family]
 
 
+def stop_recorded(pid_path: Path, expect: str) -> int | None:
+    """Stop the process recorded in `pid_path` (if it is ours and alive) with everything it started, and
+    remove the record; its pid, or None when nothing ran."""
+    proc = read_pid(pid_path, expect)
+    if proc is not None:
+        stop_tree(proc)
+        log.info("stopped %s (pid %d)", expect, proc.pid)
+    pid_path.unlink(missing_ok=True)
+    return None if proc is None else proc.pid
+
+
 def _quietly(action: Callable[[], None]) -> None:
     try:
         action()
