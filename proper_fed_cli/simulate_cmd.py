@@ -86,17 +86,13 @@ def simulate_cmd(
 
 
 def _table(title: str, res: dict) -> Table:
-    from simulations.report import ordered_methods
+    from simulations.report import score_rows
 
-    metric_names = sorted({k for m in res["methods"].values() for k in m["metrics"]})
-    parse = any("parse_rate" in m for m in res["methods"].values())
+    head, rows = score_rows(res)
     table = Table(title=title)
-    table.add_column("method")
-    for k in [*metric_names, *(["parse rate"] if parse else [])]:
+    table.add_column(head[0])
+    for k in head[1:]:
         table.add_column(k, justify="right")
-    for name in ordered_methods(res):
-        m = res["methods"][name]
-        cells = [m["metrics"].get(k, float("nan")) for k in metric_names]
-        cells += [m.get("parse_rate", float("nan"))] if parse else []
-        table.add_row(name, *(f"{x:.3f}" for x in cells))
+    for row in rows:
+        table.add_row(*row)
     return table

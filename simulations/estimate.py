@@ -95,7 +95,7 @@ def count_work(settings, split, lengths_of) -> Work:
             epochs += cfg.population.epochs * per_epoch_g
     trained = [m for m in (*settings.methods, *settings.variants) if METHODS[m].trains_user_stage]
     evaluated = len(settings.methods) + len(settings.variants)
-    protocols = tuple(getattr(settings, "scoring", ("generate",)))
+    protocols = settings.scoring
     candidates = len(split.task.labels) or 1  # rating tasks list their scale as labels
     train, evals = [], []
     for user in split.device_users:

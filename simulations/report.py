@@ -49,34 +49,35 @@ def ordered_methods(results: dict) -> list[str]:
     return [m for m in REPORT_ORDER if m in names] + sorted(m for m in names if m not in REPORT_ORDER)
 
 
-def table(results: dict) -> str:
+def score_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The comparison's columns (metrics of the task, parse rate when reported) and one row per method, in
+    report order, formatted: what report.md and the CLI both print."""
     methods = results["methods"]
     metric_names = sorted({k for m in methods.values() for k in m["metrics"]})
     parse = any("parse_rate" in m for m in methods.values())
-    head = [
-        "method",
-        *metric_names,
-        *(["parse rate"] if parse else []),
-        "train s / user",
-        "trainable params / user",
+    head = ["method", *metric_names, *(["parse rate"] if parse else [])]
+    rows = [
+        [
+            name,
+            *(_fmt(methods[name]["metrics"].get(k)) for k in metric_names),
+            *([_fmt(methods[name].get("parse_rate"))] if parse else []),
+        ]
+        for name in ordered_methods(results)
     ]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in ordered_methods(results):
+    return head, rows
+
+
+def table(results: dict) -> str:
+    """report.md's table: the scores, then each method's cost."""
+    methods = results["methods"]
+    head, rows = score_rows(results)
+    head = [*head, "train s / user", "trainable params / user"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, *cells in rows:
         m = methods[name]
-        rows.append(
-            "| "
-            + " | ".join(
-                [
-                    f"`{name}`",
-                    *(_fmt(m["metrics"].get(k)) for k in metric_names),
-                    *([_fmt(m.get("parse_rate"))] if parse else []),
-                    f"{m['train_seconds_per_user']:.1f}",
-                    f"{int(m['trainable_parameters_per_user']):,}",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(rows)
+        cost = [f"{m['train_seconds_per_user']:.1f}", f"{int(m['trainable_parameters_per_user']):,}"]
+        lines.append("| " + " | ".join([f"`{name}`", *cells, *cost]) + " |")
+    return "\n".join(lines)
 
 
 def cohort_table(results: dict, metric: str) -> str:

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from proper_fed.atomic import atomic_write_text
+from proper_fed.data import FederationSplit
 from proper_fed.errors import ConfigError, ProperFedError
 from proper_fed.federation.processes import executable, flwr_env
 from proper_fed.federation.run_config import load_run_config, resolve, rotate_results, write_run_config
-from proper_fed.federation.run_settings import DEVICE_NODES_DIR, load_split
+from proper_fed.federation.run_settings import DEVICE_NODES_DIR, RunSettings, load_split
 from proper_fed.model.backbone import cache_dir
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,14 @@ class SimulationError(ProperFedError):
 
 @dataclass(frozen=True)
 class SimulationPlan:
+    """What `plan` read and checked, kept for every later step (estimate, failed users, plots): the data is
+    loaded and split once per simulate."""
+
     run_config: dict[str, Any]
     federation: dict[str, Any]
     out: Path
-    device_users: int
-    server_users: int
+    settings: RunSettings
+    split: FederationSplit
 
 
 def config_path(name_or_path: str) -> Path:
@@ -65,7 +69,7 @@ def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> Si
         "client-resources-num-gpus": 0.0,
         **loaded.federation,
     }
-    return SimulationPlan(flat, federation, out, len(split.device_users), len(split.server_users))
+    return SimulationPlan(flat, federation, out, RunSettings.from_run_config(flat), split)
 
 
 def _federation_value(v: Any) -> str:

@@ -27,16 +27,16 @@ class Outcome:
     plots: dict[str, Path]
 
 
-def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str, Path]:
+def make_plots(p: SimulationPlan, results: dict) -> dict[str, Path]:
     """Routing plots from the server's saved stages (on server users), and the cohort plot."""
     from proper_fed.data import server_training_examples
     from proper_fed.data.synthetic import generate_synthetic
-    from proper_fed.federation.run_settings import BUILTIN_DATA, RunSettings, load_split
+    from proper_fed.federation.run_settings import BUILTIN_DATA
     from proper_fed.model.backbone import load_backbone
 
     metric, _ = PRIMARY[results.get("task_type", "classification")]
-    made = {"metric by history length": plots.cohort_plot(results, metric, out / "cohorts.png")}
-    settings = RunSettings.from_run_config(run_config)
+    made = {"metric by history length": plots.cohort_plot(results, metric, p.out / "cohorts.png")}
+    settings = p.settings
     state = settings.state_path
     variants = {
         name: state / name
@@ -45,8 +45,7 @@ def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str
     }
     if not variants:
         return made
-    split = load_split(settings)
-    examples = server_training_examples(split)[:256]
+    examples = server_training_examples(p.split)[:256]
     backbone = load_backbone(settings.proper.backbone)
     runs = {
         ("with constraint loss" if n == "proper" else "without constraint loss"): plots.routing(
@@ -54,28 +53,19 @@ def make_plots(out: Path, results: dict, run_config: dict[str, Any]) -> dict[str
         )
         for n, f in variants.items()
     }
-    made["expert routing"] = plots.routing_density(runs, out / "routing_density.png")
+    made["expert routing"] = plots.routing_density(runs, p.out / "routing_density.png")
     groups = generate_synthetic(settings.synthetic).groups if settings.data == BUILTIN_DATA else None
     made["user embeddings"] = plots.user_embeddings(
-        next(iter(runs.values())), out / "user_embeddings.png", groups
+        next(iter(runs.values())), p.out / "user_embeddings.png", groups
     )
     return made
 
 
 def estimate(p: SimulationPlan, with_plots: bool) -> Estimate:
     """The run's time on this machine, from a short measurement (see simulations/estimate.py)."""
-    from proper_fed.federation.run_settings import RunSettings, load_split
-
-    settings = RunSettings.from_run_config(p.run_config)
     cpus = float(p.federation.get("client-resources-num-cpus", 1)) or 1.0
     parallel = int(max(1, (os.cpu_count() or 1) // cpus))
-    return estimate_run(settings, load_split(settings), parallel, with_plots)
-
-
-def _device_user_ids(p: SimulationPlan) -> list[str]:
-    from proper_fed.federation.run_settings import RunSettings, load_split
-
-    return [u.user_id for u in load_split(RunSettings.from_run_config(p.run_config)).device_users]
+    return estimate_run(p.settings, p.split, parallel, with_plots)
 
 
 def simulate(
@@ -88,12 +78,13 @@ def simulate(
     """The whole simulation; `env` is the caller's environment, passed on to Flower with ours on top."""
     p = plan(config, overrides)
     if on_line:
-        on_line(f"{p.server_users} server users, {p.device_users} device users (one virtual SuperNode each)")
+        users = f"{len(p.split.server_users)} server users, {len(p.split.device_users)} device users"
+        on_line(f"{users} (one virtual SuperNode each)")
         on_line(estimate(p, with_plots).describe())
     results = run(p, env, on_line)
     if results.get("failed"):
-        results["failed_users"] = name_failed_users(p.out, _device_user_ids(p))
+        results["failed_users"] = name_failed_users(p.out, [u.user_id for u in p.split.device_users])
     predictions = merge_predictions(p.out, lamp_task_id(results["task"]))
-    made = make_plots(p.out, results, p.run_config) if with_plots else {}
+    made = make_plots(p, results) if with_plots else {}
     report = write_report(p.out, results, made)
     return Outcome(p.out, results, report, predictions, made)

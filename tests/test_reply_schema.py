@@ -16,7 +16,8 @@ from proper_fed.data import get_task
 from proper_fed.data.baselines import has_label_baselines
 from proper_fed.data.metric_stats import query_stats
 from proper_fed.errors import ConfigError
-from proper_fed.federation.reply_schema import reply_schema, run_reply_schema, scoring_protocols
+from proper_fed.federation.reply_schema import reply_schema, run_reply_schema
+from proper_fed.federation.run_settings import RunSettings
 
 METHODS = ("zero_shot", "population", "proper_group", "oppu", "proper")
 LAMP = ("LaMP-1", "LaMP-2", "LaMP-2N", "LaMP-3", "LaMP-4")
@@ -144,8 +145,12 @@ def test_the_run_schema_reads_methods_variants_and_scoring_from_the_settings():
     schema = run_reply_schema(settings, task)
     assert {"proper_k2.n", "proper@rank.tp.14", "proper_k2@rank.fn.0"} <= schema.keys
     assert "proper@rank.tp.15" not in schema.keys
-    assert scoring_protocols(SimpleNamespace()) == ("generate",)
-    assert scoring_protocols(SimpleNamespace(scoring="generate, rank")) == ("generate", "rank")
+    # RunSettings parses the run config's protocols; none given means LaMP's "generate" alone
+    default = run_reply_schema(RunSettings(methods=("proper",)), task)
+    assert "proper.n" in default.keys and not any("@" in k for k in default.keys)
+    parsed = RunSettings.from_run_config({"methods": "proper", "scoring": "generate, rank"})
+    assert parsed.scoring == ("generate", "rank")
+    assert "proper@rank.n" in run_reply_schema(parsed, task).keys
 
 
 def test_the_server_tables_each_protocol_as_a_method_with_its_parse_rate(tmp_path):

@@ -197,14 +197,6 @@ def reply_schema(
     return ReplySchema(MappingProxyType(rules))
 
 
-def scoring_protocols(settings: Any) -> tuple[str, ...]:
-    """The run's scoring protocols, in order; "generate" when the settings name none."""
-    value = getattr(settings, "scoring", ("generate",))
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(str(p).strip() for p in value if str(p).strip()) or ("generate",)
-
-
 def run_reply_schema(settings: Any, task: TaskSpec) -> ReplySchema:
     """The schema of a run from its settings (`RunSettings`) and its task's public label set."""
     from proper_fed.data.baselines import has_label_baselines
@@ -213,6 +205,6 @@ def run_reply_schema(settings: Any, task: TaskSpec) -> ReplySchema:
         (*settings.methods, *settings.variants),
         task.type,
         len(task.labels),
-        scoring_protocols(settings),
+        tuple(settings.scoring),
         label_baselines=has_label_baselines(task),
     )
