@@ -32,7 +32,7 @@ from proper_fed.federation.wire import decode_tensors, read_variant_entry, tenso
 from proper_fed.methods import METHODS, PROPER
 from proper_fed.model.backbone import Backbone, cache_dir, load_backbone
 from proper_fed.model.proper_model import ProperModel
-from proper_fed.train.personalize import MethodResult, Scored, personalize_user, run_method
+from proper_fed.train.personalize import MethodResult, Scored, personalize_user
 from proper_fed.train.trainer import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,16 @@ def load_device_backbone(folder: Path, settings: RunSettings) -> Backbone:
 
 
 def server_model(backbone: Backbone, bundle: Bundle, variant: str) -> ProperModel:
-    """The frozen population + group stages of one server variant on this device's base. The server's user
-    ids never ship, only its user table's size: this device's user is unknown to the table (row 0)."""
+    """The frozen population + group stages of one server model on this device's base (a population-only
+    model has no group stage). The user table ships with only its unknown-user row: the server's users never
+    ship; this device's user starts there and may fit its own row (`stages.fit_user_embedding`)."""
     adapters, user_rows = read_variant_entry(bundle.manifest, variant)
     model = ProperModel(backbone, AdapterConfig.from_dict(adapters))
     model.load_scope_state_dict("population", bundle.tensors[tensor_group(variant, "population")])
-    model.resize_user_table(user_rows)
-    model.load_scope_state_dict("group", bundle.tensors[tensor_group(variant, "group")])
+    group = bundle.tensors.get(tensor_group(variant, "group"))
+    if group is not None:
+        model.resize_user_table(user_rows)
+        model.load_scope_state_dict("group", group)
     return model
 
 
@@ -231,6 +234,7 @@ class DeviceOutcome:
                     f"{name}.train_s": result.train_seconds,
                     f"{name}.eval_s": scored.seconds,
                     f"{name}.trainable_params": float(result.trainable_parameters),
+                    f"{name}.train_tokens": float(result.train_tokens),
                 }
             )
             self.predictions[name] = scored
@@ -255,15 +259,24 @@ def personalize_device(
     job = _device_job(me, bundle, backbone, settings, store)
     history_len, n_queries = float(len(me.user.profile)), float(len(job.queries))
     out = DeviceOutcome(settings.scoring, {"history_len": history_len, "queries": n_queries})
-    for method, result in _device_methods(job).items():
-        out.keep(method, result)
-    for variant in settings.variants:
-        out.keep(variant, _variant_method(job, variant))
+    results = {}
+    for name, methods in methods_by_server_model(settings).items():
+        results.update(_on_server_model(job, name, methods))
+    for method in (*settings.methods, *settings.variants):  # report order
+        out.keep(method, results[method])
     _drop_checkpoints(job, (*settings.methods, *settings.variants))
     if has_label_baselines(me.task):  # not LaMP-1: labels, but no labelled history
         for name, scored in label_baselines(me.task, me.user, job.queries, ranking or ()).items():
             out.keep_baseline(name, scored)
     return out.numbers, out.predictions
+
+
+def methods_by_server_model(settings: RunSettings) -> dict[str, list[str]]:
+    """The run's device methods and variants, grouped by the server model each runs on (loaded once each)."""
+    grouped: dict[str, list[str]] = {}
+    for name in (*settings.methods, *settings.variants):
+        grouped.setdefault(METHODS[name].server_model, []).append(name)
+    return grouped
 
 
 def _device_job(
@@ -279,8 +292,8 @@ def _device_job(
     return DeviceJob(me, bundle, backbone, settings, store, list(history), list(queries))
 
 
-def _device_methods(job: DeviceJob) -> dict[str, MethodResult]:
-    """The run's device methods on PROPER's server model; PROPER's user adapter is kept in the store."""
+def _on_server_model(job: DeviceJob, name: str, methods: list[str]) -> dict[str, MethodResult]:
+    """`methods` on server model `name`; PROPER's user adapter (with the user's embedding row) is kept."""
 
     def save_adapter(method: str, model: ProperModel) -> None:
         if method == PROPER:
@@ -290,13 +303,13 @@ def _device_methods(job: DeviceJob) -> dict[str, MethodResult]:
                 "variant": PROPER,
                 "base": bundle.base_content_hash,
             }
-            job.store.save_adapter(job.user_id, model.scope_state_dict("user"), meta)
+            job.store.save_adapter(job.user_id, model.user_state(job.user_id), meta)
 
-    model = server_model(job.backbone, job.bundle, PROPER)
+    model = server_model(job.backbone, job.bundle, name)
     try:
         return personalize_user(
             model,
-            job.settings.methods,
+            methods,
             job.me.task,
             job.history,
             job.queries,
@@ -305,17 +318,6 @@ def _device_methods(job: DeviceJob) -> dict[str, MethodResult]:
             on_trained=save_adapter,
             protocols=job.settings.scoring,
         )
-    finally:
-        model.remove()
-
-
-def _variant_method(job: DeviceJob, variant: str) -> MethodResult:
-    """PROPER's user stage on a server variant's group model."""
-    model = server_model(job.backbone, job.bundle, variant)
-    try:
-        cfg, task = job.settings.proper.user, job.me.task
-        ck = job.checkpointer(variant)
-        return run_method(model, variant, task, job.history, job.queries, cfg, ck, job.settings.scoring)
     finally:
         model.remove()
 

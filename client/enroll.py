@@ -261,7 +261,7 @@ def answer(
     settings = RunSettings.from_run_config({"device-quantization": quantization})
     model = server_model(load_device_backbone(folder, settings), bundle, "proper")
     try:
-        model.load_scope_state_dict("user", stored.tensors)
+        model.load_user_state(user_id, stored.tensors)
         serving_mode(model, "user")
         return generate(model, [prompt], [user_id], max_new_tokens=max_new_tokens)[0]
     finally:

@@ -134,7 +134,9 @@ class TrainConfig(_FromDict):
     epochs, lr, batch_size, max_length (prompt + target tokens, prompts are cut from the left),
     weight_decay, seed; constraint_weight: lambda of the group-stage constraint loss (0 disables);
     unknown_user_prob: fraction of group-stage examples whose user is replaced by the unknown-user row (cold
-    start); grad_checkpointing: trade ~20 % time for memory.
+    start); grad_checkpointing: trade ~20 % time for memory; embedding_epochs, embedding_lr: user stage only,
+    the device's fit of its user's group-routing embedding before the user LoRA (0 epochs: the device user is
+    routed through the unknown-user row).
     """
 
     epochs: int = 2
@@ -147,11 +149,20 @@ class TrainConfig(_FromDict):
     unknown_user_prob: float = 0.1
     grad_checkpointing: bool = False
     progress: bool = True
+    embedding_epochs: int = 1
+    embedding_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
             _positive_int(name, getattr(self, name))
         _positive_float("lr", self.lr)
+        _positive_float("embedding_lr", self.embedding_lr)
+        _need(
+            isinstance(self.embedding_epochs, int) and self.embedding_epochs >= 0,
+            "embedding_epochs",
+            self.embedding_epochs,
+            "use an integer >= 0 (0 = no embedding fit)",
+        )
         _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use a number >= 0")
         _need(
             self.constraint_weight >= 0,

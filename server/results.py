@@ -17,6 +17,7 @@ from proper_fed.data.metrics import cohort_labels
 from proper_fed.federation.reply_schema import COST_KEYS
 from proper_fed.federation.run_settings import RunSettings
 from proper_fed.federation.wire import METRICS
+from server.method_costs import method_costs
 
 
 @dataclass
@@ -77,6 +78,9 @@ def aggregate(split: FederationSplit, replies: dict[int, DeviceReply]) -> dict:
             "train_seconds_per_user": statistics.fmean(costs["train_s"]) if costs["train_s"] else 0.0,
             "eval_seconds_per_user": statistics.fmean(costs["eval_s"]) if costs["eval_s"] else 0.0,
             "trainable_parameters_per_user": max(costs["trainable_params"], default=0),
+            "train_tokens_per_user": statistics.fmean(costs["train_tokens"])
+            if costs["train_tokens"]
+            else 0.0,
             "users": len(stats),
         }
     return {"methods": methods, "history_len": {str(n): h for n, h in history.items()}}
@@ -111,6 +115,7 @@ def write_results(
         "methods": agg["methods"],
         "history_len": agg["history_len"],
         "server": {name: m.metrics for name, m in models.items()},
+        "costs": method_costs(agg["methods"], models),
         "config": _jsonable(settings),
         # what dtype="auto" resolved to on the server's machine (the simulated devices share it), and why
         "precision": _precision(settings),

@@ -156,14 +156,13 @@ def sign_bundle(settings: RunSettings, models: dict[str, ServerModel]) -> Bundle
     return build_bundle(
         base_model_id=model_id,
         base_content_hash=base_hash(model_folder(model_id)),
-        adapter_config={
-            name: variant_entry(m.adapters, len(m.group_meta["user_index"]) + 1) for name, m in models.items()
-        },
+        adapter_config={name: variant_entry(m.adapters, m.user_rows) for name, m in models.items()},
         stage_metrics={name: m.metrics for name, m in models.items()},
         tensors={
             tensor_group(name, scope): getattr(m, scope)
             for name, m in models.items()
             for scope in SHIPPED_SCOPES
+            if getattr(m, scope)  # a population-only model has no group stage
         },
         private_key=load_or_create_signing_key(settings.key_path, settings.public_key_path),
     )

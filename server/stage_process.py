@@ -16,6 +16,7 @@ from typing import Any
 
 from proper_fed.errors import ProperFedError
 from proper_fed.federation.run_settings import RunSettings
+from proper_fed.methods import server_models_for
 from proper_fed.train.distributed import Ranks, launch
 from server.server_stages import ServerModel, train_all
 
@@ -99,6 +100,6 @@ def _train_stages(settings: RunSettings, ranks: Ranks | None) -> dict[str, Serve
         server_training_examples(split),
         settings.proper,
         settings.state_path,
-        settings.variants,
+        server_models_for(settings.methods, settings.variants),
         ranks,
     )

@@ -82,18 +82,24 @@ def _tokens(lengths: Sequence[int], batch_size: int) -> int:
 def count_work(settings, split, lengths_of) -> Work:
     """`lengths_of(examples, max_length)` gives each example's token count as training encodes it."""
     from proper_fed.data import device_eval_examples, device_training_examples, server_training_examples
-    from proper_fed.methods import METHODS
+    from proper_fed.methods import METHODS, server_change, server_models_for
 
     cfg = settings.proper
     server = lengths_of(server_training_examples(split), cfg.population.max_length)
     per_epoch_p = _tokens(server, cfg.population.batch_size)
     per_epoch_g = _tokens(server, cfg.group.batch_size)
     epochs = cfg.population.epochs * per_epoch_p + cfg.group.epochs * per_epoch_g
-    for variant in settings.variants:  # each is another group stage (end-to-end: both stages again)
+    for model in server_models_for(settings.methods, settings.variants)[1:]:
+        change = server_change(model)  # another group stage (end-to-end or population-only: both stages)
         epochs += cfg.group.epochs * per_epoch_g
-        if METHODS[variant].server.end_to_end:
+        if change.end_to_end or change.population_only:
             epochs += cfg.population.epochs * per_epoch_g
-    trained = [m for m in (*settings.methods, *settings.variants) if METHODS[m].trains_user_stage]
+    methods = (*settings.methods, *settings.variants)
+    trained = [m for m in methods if METHODS[m].trains_user_stage]
+    # one embedding fit per server model whose methods use the device user's own embedding
+    trained_epochs = len(trained) * cfg.user.epochs + cfg.user.embedding_epochs * len(
+        {METHODS[m].server_model for m in methods if METHODS[m].personal_embedding}
+    )
     evaluated = len(settings.methods) + len(settings.variants)
     protocols = settings.scoring
     candidates = len(split.task.labels) or 1  # rating tasks list their scale as labels
@@ -101,7 +107,7 @@ def count_work(settings, split, lengths_of) -> Work:
     for user in split.device_users:
         hist = lengths_of(device_training_examples(split.task, user), cfg.user.max_length)
         queries = lengths_of(device_eval_examples(split.task, user), cfg.user.max_length)
-        train.append(len(trained) * cfg.user.epochs * _tokens(hist, cfg.user.batch_size))
+        train.append(trained_epochs * _tokens(hist, cfg.user.batch_size))
         # generate: the prompt, then a few decoded tokens; rank: the prompt once, then every candidate's
         # few tokens after its shared cache
         per_method = sum(

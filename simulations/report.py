@@ -80,6 +80,23 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results: dict) -> str:
+    """What each method costs (results.json "costs"): server and device training, adapter bytes shipped."""
+    costs = {k: v for k, v in results.get("costs", {}).items() if "@" not in k}
+    head = ["method", "server params", "server tokens", "device params", "device tokens / user", "adapter MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, c in costs.items():
+        cells = [
+            f"{c['server_trainable_parameters']:,.0f}",
+            f"{c['server_training_tokens']:,.0f}",
+            f"{c['device_trainable_parameters']:,.0f}",
+            f"{c['device_training_tokens_per_user']:,.0f}",
+            f"{c['shipped_adapter_bytes'] / 2**20:.2f}",
+        ]
+        lines.append("| " + " | ".join([f"`{name}`", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def cohort_table(results: dict, metric: str) -> str:
     methods = results["methods"]
     cohorts = sorted({c for m in methods.values() for c in m["cohorts"]})
@@ -100,8 +117,14 @@ def gains(results: dict) -> list[str]:
     for a, b, label in (
         ("population", "proper_group", "stage 1 -> 2"),
         ("proper_group", "proper", "stage 2 -> 3"),
+        ("population_matched", "proper_group", "matched server LoRA -> stages 1-2 (same rank, same budget)"),
         ("oppu", "proper", "OPPU -> PROPER"),
-        ("proper_no_lora_router", "proper", "LoRA-aware router vs uniform experts"),
+        ("oppu_matched", "proper", "OPPU on the matched server LoRA -> PROPER"),
+        ("proper_group_unknown", "proper_group", "unknown-user row -> the device's own embedding (stage 2)"),
+        ("proper_no_embedding_fit", "proper", "unknown-user row -> the device's own embedding"),
+        ("proper_no_router_init", "proper", "random LoRA-aware router -> started at stage 2"),
+        ("proper_no_lora_router", "proper", "frozen stage-2 routing -> LoRA-aware router"),
+        ("proper_uniform_experts", "proper", "uniform experts -> PROPER's routing"),
         ("proper_end_to_end", "proper", "end-to-end -> progressive"),
         ("proper_no_constraint", "proper", "no constraint loss -> constraint loss"),
     ):
@@ -188,6 +211,16 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
             else []
         ),
         "",
+        *(
+            [
+                "Per method (the matched baselines hold server rank and budget equal to PROPER's):",
+                "",
+                cost_table(results),
+                "",
+            ]
+            if results.get("costs")
+            else []
+        ),
     ]
     if plots:
         lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]

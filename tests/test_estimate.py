@@ -33,7 +33,9 @@ def test_device_work_counts_each_method_that_trains_a_user_stage():
     for user, tokens in zip(split.device_users, work.device_train_tokens, strict=True):
         n = len(device_training_examples(split.task, user))
         padded = math.ceil(n / s.proper.user.batch_size) * s.proper.user.batch_size
-        assert tokens == 2 * 2 * padded * LENGTH  # oppu and proper train; zero_shot, population do not
+        # oppu and proper train 2 epochs each, proper also fits the user's embedding (1 epoch by default);
+        # zero_shot and population train nothing
+        assert tokens == (2 * 2 + s.proper.user.embedding_epochs) * padded * LENGTH
 
 
 def test_the_estimate_is_measured_and_printable():

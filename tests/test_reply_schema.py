@@ -40,7 +40,12 @@ def device_reply(task, methods=METHODS, protocols=("generate",), seed=0) -> dict
             raws = [rng.choice([*answers, "no idea", ""]) for _ in golds]
             out.update({f"{prefix}.{k}": float(v) for k, v in query_stats(task, raws, golds).items()})
             out.update(
-                {f"{prefix}.train_s": 3.5, f"{prefix}.eval_s": 0.25, f"{prefix}.trainable_params": 4096.0}
+                {
+                    f"{prefix}.train_s": 3.5,
+                    f"{prefix}.eval_s": 0.25,
+                    f"{prefix}.trainable_params": 4096.0,
+                    f"{prefix}.train_tokens": 1200.0,
+                }
             )
     if has_label_baselines(task):  # as the device: not LaMP-1 (labels, but no labelled history)
         for baseline in ("majority", "user_majority"):
@@ -69,7 +74,7 @@ def test_a_second_protocol_is_sent_under_method_at_protocol(name):
 def test_keys_are_exactly_the_methods_stats_costs_and_device_numbers():
     task, schema = _schema("LaMP-1", methods=("proper",))
     per_label = {f"proper.{k}.{i}" for k in ("tp", "fp", "fn") for i in range(2)}
-    costs = {"proper.train_s", "proper.eval_s", "proper.trainable_params"}
+    costs = {"proper.train_s", "proper.eval_s", "proper.trainable_params", "proper.train_tokens"}
     stats = {"proper.n", "proper.parsed", "proper.correct"}
     baselines = {f"{b}.{s}" for b in ("majority", "user_majority") for s in ("n", "parsed", "correct")}
     baselines |= {

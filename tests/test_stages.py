@@ -68,14 +68,15 @@ def test_each_stage_changes_exactly_its_own_parameters(tiny_backbone, stage):
     assert not any(p.requires_grad for p in model.parameters()), "a stage must leave everything frozen"
 
 
-def test_lora_aware_router_receives_gradients(tiny_backbone):
+@pytest.mark.parametrize("mix", ["lora_router", "lora_router_from_group"])
+def test_lora_aware_router_receives_gradients(tiny_backbone, mix):
     exs = planted_groups(2, 4)
     model = fresh_model(tiny_backbone)
     stages.train_population(model, exs, FAST)
     stages.train_group(model, exs, FAST)
     # one manual step in user mode: the router must get a non-zero gradient once B_u moved off zero
-    model.reset_user(0)
-    stages.serving_mode(model, "user")
+    model.reset_user(0, router_from_group=mix == "lora_router_from_group")
+    stages.serving_mode(model, "user", mix)
     model.set_trainable(["user"])
     with torch.no_grad():
         for layer in model.layers.values():
@@ -83,7 +84,8 @@ def test_lora_aware_router_receives_gradients(tiny_backbone):
     batch = batch_for(model, exs)
     from proper_fed.train.batching import target_loss
 
-    out = model(batch["input_ids"], batch["attention_mask"], use_cache=False)
+    rows = model.user_rows([e.user_id for e in exs])
+    out = model(batch["input_ids"], batch["attention_mask"], user_rows=rows, use_cache=False)
     target_loss(out.logits, batch["labels"]).backward()
     grads = [layer.lora_beta.grad for layer in model.layers.values()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -93,7 +95,7 @@ def test_user_stage_ablations_train_only_the_user_lora(tiny_backbone):
     exs = planted_groups(2, 4)
     model = fresh_model(tiny_backbone)
     stages.train_group(model, exs, FAST)
-    for mix in ("uniform", "none"):
+    for mix in ("uniform", "none", "user_router"):
         r = stages.train_user(model, exs[:4], FAST, expert_mix=mix)
         betas = sum(layer.lora_beta.numel() for layer in model.layers.values())
         assert r.trainable_parameters == model.count_parameters("user") - betas

@@ -12,6 +12,7 @@ Keys (`<i>` = a label's index in `task.labels`, never its name):
     <method>.rouge1, <method>.rougeL                sums, generation
     <method>.train_s, <method>.eval_s               seconds
     <method>.trainable_params                       a count
+    <method>.train_tokens                           a count (tokens of the device's training for it)
     history_len, queries, device_total_s            the device's own
 
 Scoring protocols (run config `scoring`, a comma list; names from `scoring.py`): the first protocol's statistics are sent as
@@ -36,11 +37,12 @@ if TYPE_CHECKING:
     from proper_fed.data.task_spec import TaskSpec
 
 LABELLED_TYPES = ("classification", "rating")
-COST_KEYS = ("train_s", "eval_s", "trainable_params")
+COST_KEYS = ("train_s", "eval_s", "trainable_params", "train_tokens")
 
 MAX_COUNT = 10**6  # queries or history items of one device
 MAX_SECONDS = 30 * 24 * 3600.0
 MAX_PARAMS = 10**11
+MAX_TOKENS = 10**12
 _SUM_SLACK = 1e-9  # floating-point rounding of sums of per-query scores
 
 
@@ -141,6 +143,7 @@ def _cost_rules(prefix: str) -> dict[str, KeyRule]:
         f"{prefix}.train_s": KeyRule(integer=False, upper=MAX_SECONDS),
         f"{prefix}.eval_s": KeyRule(integer=False, upper=MAX_SECONDS),
         f"{prefix}.trainable_params": KeyRule(integer=True, upper=MAX_PARAMS),
+        f"{prefix}.train_tokens": KeyRule(integer=True, upper=MAX_TOKENS),
     }
 
 

@@ -6,7 +6,9 @@
       + s_u B_u A_u x                                stage 3, user LoRA
 
 with g = softmax(W_x x + W_e e_u) in stage 2 (user-aware router) and g = softmax(W_beta A_u x) in stage 3
-(LoRA-aware router). Every B starts at zero, so the wrapped layer equals the base at init.
+(LoRA-aware router), or g = softmax(W_x x + W_e e_u + W_beta A_u x) (the LoRA-aware router started at the
+user's stage-2 routing: W_beta = 0 at the start). Every B starts at zero, so the wrapped layer equals the base
+at init.
 """
 
 from __future__ import annotations
@@ -64,13 +66,15 @@ class ProperLinear(nn.Module):
     def scope_parameters(self, scope: str) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in SCOPE_PARAMS[scope]}
 
-    def reset_user(self, gen: torch.Generator) -> None:
-        """A fresh user LoRA and LoRA-aware router (B = 0: the layer is back to the group model)."""
+    def reset_user(self, gen: torch.Generator, router_from_group: bool = False) -> None:
+        """A fresh user LoRA (B = 0) and LoRA-aware router: random as in the paper, or zero when it is added to
+        the frozen stage-2 routing (`router_from_group`), so the layer is back to the user's group model."""
         with torch.no_grad():
             dev = self.lora_user_A.device
             self.lora_user_A.copy_(_kaiming(tuple(self.lora_user_A.shape), self.in_features, gen).to(dev))
             self.lora_user_B.zero_()
-            self.lora_beta.copy_(_kaiming(tuple(self.lora_beta.shape), self.r_u, gen).to(dev))
+            beta = _kaiming(tuple(self.lora_beta.shape), self.r_u, gen).to(dev)  # drawn either way: same A_u
+            self.lora_beta.copy_(beta.zero_() if router_from_group else beta)
 
     @torch.no_grad()
     def merge_population(self) -> None:
@@ -90,7 +94,7 @@ class ProperLinear(nn.Module):
         ctx = self.ctx
         pop = ctx.population and not self.merged
         experts, user = ctx.experts != ExpertMix.NONE, ctx.user
-        need_xu = user or ctx.experts == ExpertMix.LORA_ROUTER
+        need_xu = user or ctx.experts.has_lora_router
         if not (pop or experts or need_xu):
             return out
         k, r = self.k, self.r_g
@@ -110,22 +114,21 @@ class ProperLinear(nn.Module):
             a.append(self.lora_user_A)  # (r_u, in)
             if user:
                 b.append(self.s_u * self.lora_user_B)  # (out, r_u)
-        if ctx.experts == ExpertMix.USER_ROUTER:
+        if ctx.experts.reads_user_embedding:
             a.append(self.lora_router_x)  # (k, in)
         h = F.linear(x, torch.cat(a) if len(a) > 1 else a[0])  # (..., sum of rows)
         n_b = sum(w.shape[1] for w in b)
         coef = h[..., :n_b]  # (..., n_b): the columns that meet a B
         if experts:
             start = self.r_p if pop else 0
-            if ctx.experts == ExpertMix.USER_ROUTER:
-                assert ctx.user_emb is not None, "user_router needs ctx.user_emb"
+            logits = h.new_zeros((*h.shape[:-1], k))  # uniform unless a router below adds to it
+            if ctx.experts.reads_user_embedding:
+                assert ctx.user_emb is not None, f"{ctx.experts} needs ctx.user_emb"
                 e = F.linear(ctx.user_emb.to(self.lora_router_e.dtype), self.lora_router_e)  # (B, k)
                 logits = h[..., -k:] + e.view(e.shape[0], *([1] * (h.dim() - 2)), -1)
-            elif ctx.experts == ExpertMix.LORA_ROUTER:
+            if ctx.experts.has_lora_router:
                 xu = h[..., start + k * r : start + k * r + self.r_u]  # (..., r_u)
-                logits = F.linear(xu, self.lora_beta)  # (..., k)
-            else:  # uniform
-                logits = h.new_zeros((*h.shape[:-1], k))
+                logits = logits + F.linear(xu, self.lora_beta)  # (..., k)
             gates = logits.float().softmax(-1)  # (..., k)
             if ctx.record:
                 ctx.gates.append(gates)

@@ -25,6 +25,7 @@ from proper_fed.model.routing import RoutingContext
 log = logging.getLogger(__name__)
 
 UNKNOWN_USER = 0  # row 0 of the user table: users the group stage never saw (cold start)
+OWN_EMBEDDING = "own_user_embedding"  # a user's own row of the user table, in `user_state`
 FORMAT_VERSION = 1
 
 
@@ -45,6 +46,7 @@ class ProperModel(nn.Module):
         self.lora_user_embedding = nn.Embedding(1, self.cfg.user_embedding_dim)
         nn.init.normal_(self.lora_user_embedding.weight, generator=self.gen)
         self.user_index: dict[str, int] = {}
+        self._parked_rows: dict[str, int] = {}  # users routed as unknown for now (`route_own_row`)
         self.to_adapter_device()
 
     # ----- construction -----
@@ -125,6 +127,44 @@ class ProperModel(nn.Module):
         table[UNKNOWN_USER] = old[UNKNOWN_USER]
         self.lora_user_embedding = nn.Embedding.from_pretrained(table, freeze=False)
 
+    def add_user(self, user_id: str) -> int:
+        """A new row for `user_id` at the end of the table, a copy of the unknown-user row (a device's own
+        user, whose embedding it fits on its history); returns the row. A known user keeps its row."""
+        if user_id in self.user_index:
+            return self.user_index[user_id]
+        old = self.lora_user_embedding.weight.data
+        table = torch.cat([old, old[UNKNOWN_USER : UNKNOWN_USER + 1]])
+        self.lora_user_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
+        self.user_index[user_id] = table.shape[0] - 1
+        return self.user_index[user_id]
+
+    def route_own_row(self, user_id: str, own: bool) -> None:
+        """Route `user_id` through its own row (`own`) or, for now, through the unknown-user row; the row
+        stays in the table either way."""
+        if own and user_id in self._parked_rows:
+            self.user_index[user_id] = self._parked_rows.pop(user_id)
+        elif not own and user_id in self.user_index:
+            self._parked_rows[user_id] = self.user_index.pop(user_id)
+
+    def user_state(self, user_id: str) -> dict[str, torch.Tensor]:
+        """What serves one user after the user stage: the user scope plus, if the user has its own row, that
+        row of the user table (`OWN_EMBEDDING`)."""
+        state = self.scope_state_dict("user")
+        if user_id in self.user_index:
+            row = self.lora_user_embedding.weight[self.user_index[user_id]]
+            state[OWN_EMBEDDING] = row.detach().to("cpu", copy=True)
+        return state
+
+    def load_user_state(self, user_id: str, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `user_state`: the user scope, and the user's own row when the state carries one."""
+        state = dict(state)
+        own = state.pop(OWN_EMBEDDING, None)
+        self.load_scope_state_dict("user", state)
+        if own is not None:
+            row = self.add_user(user_id)
+            with torch.no_grad():
+                self.lora_user_embedding.weight[row] = own.to(self.lora_user_embedding.weight)
+
     def user_rows(self, user_ids: Iterable[str]) -> torch.Tensor:
         """Table rows of `user_ids`; users the table does not know get the unknown-user row."""
         idx = [self.user_index.get(u, UNKNOWN_USER) for u in user_ids]
@@ -141,10 +181,11 @@ class ProperModel(nn.Module):
                 self.backbone.device
             )
 
-    def reset_user(self, seed: int) -> None:
+    def reset_user(self, seed: int, router_from_group: bool = False) -> None:
+        """A fresh user stage in every layer (see `ProperLinear.reset_user`)."""
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers.values():
-            layer.reset_user(gen)
+            layer.reset_user(gen, router_from_group)
 
     def merge_population(self) -> None:
         for layer in self.layers.values():
@@ -165,9 +206,9 @@ class ProperModel(nn.Module):
     def prepare(self, user_rows: torch.Tensor | None) -> None:
         """Set the batch's user embeddings and clear recorded gates before a forward or a generate."""
         self.ctx.gates = []
-        if self.ctx.experts == ExpertMix.USER_ROUTER:
+        if self.ctx.experts.reads_user_embedding:
             if user_rows is None:
-                raise ValueError("the user-aware router needs user_rows (use model.user_rows(ids))")
+                raise ValueError(f"{self.ctx.experts} needs user_rows (use model.user_rows(ids))")
             self.ctx.user_emb = self.lora_user_embedding(user_rows)
         else:
             self.ctx.user_emb = None

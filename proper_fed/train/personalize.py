@@ -26,7 +26,7 @@ from proper_fed.model.proper_model import ProperModel
 from proper_fed.train import stages
 from proper_fed.train.generate import generate
 from proper_fed.train.rank import rank_answers
-from proper_fed.train.trainer import Checkpointer
+from proper_fed.train.trainer import Checkpointer, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,19 @@ class Scored:
 
 @dataclass
 class MethodResult:
+    """One method for one user: its evaluations, and what its device-side training cost (the embedding fit
+    included for the methods that use the user's own embedding)."""
+
     scored: dict[str, Scored] = field(default_factory=dict)  # protocol -> its evaluation, in run order
     train_seconds: float = 0.0
     trainable_parameters: int = 0
+    train_tokens: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+
+    def add_training(self, r: StageResult) -> None:
+        self.train_seconds += r.seconds
+        self.trainable_parameters += r.trainable_parameters
+        self.train_tokens += r.tokens
 
 
 def max_new_tokens_for(task: TaskSpec, tokenizer=None) -> int:  # noqa: ANN001 - any HF tokenizer
@@ -102,12 +111,12 @@ def run_method(
     if spec.trains_user_stage:
         if not history:
             log.warning("user has no history: %s falls back to the group model", name)
-            serves = Stage.GROUP
+            serves = Stage.GROUP if spec.user_mix is not ExpertMix.NONE else Stage.POPULATION
         else:
             r = stages.train_user(model, history, cfg, expert_mix=spec.user_mix, checkpointer=checkpointer)
-            result.train_seconds, result.trainable_parameters = r.seconds, r.trainable_parameters
+            result.add_training(r)
             result.epoch_losses = r.epoch_losses
-    stages.serving_mode(model, serves, expert_mix=spec.user_mix or ExpertMix.LORA_ROUTER)
+    stages.serving_mode(model, serves, expert_mix=spec.user_mix or ExpertMix.LORA_ROUTER_FROM_GROUP)
     result.scored = {p: evaluate(model, task, queries, p) for p in protocols}
     return result
 
@@ -130,19 +139,37 @@ def personalize_user(
     on_trained: Callable[[str, ProperModel], None] | None = None,
     protocols: Sequence[str] = ("generate",),
 ) -> dict[str, MethodResult]:
-    """Run every requested device method for one user on the same history and the same queries.
+    """Run every requested method for one user on the same history and the same queries, all on `model`
+    (one server model: PROPER's, a variant's or the matched one). Methods that use the user's own embedding
+    share one fit of it, done first; the others route the user through the unknown-user row.
 
     on_trained(method, model) is called right after each user stage, before the next method resets it:
     the device stores its adapter there.
     """
-    unknown = [m for m in methods if m not in METHODS or METHODS[m].kind is not Kind.DEVICE]
+    unknown = [m for m in methods if m not in METHODS or METHODS[m].kind not in (Kind.DEVICE, Kind.VARIANT)]
     if unknown:
         raise ConfigError(f"unknown device method(s) {unknown}; use {list(DEVICE_METHODS)}")
+    user_id = (queries or history)[0].user_id
+    fit = _fit_embedding(model, [METHODS[m] for m in methods], user_id, history, cfg)
     out: dict[str, MethodResult] = {}
     for name in methods:
+        spec = METHODS[name]
+        model.route_own_row(user_id, own=spec.personal_embedding and fit is not None)
         ck = checkpointer_for(name) if checkpointer_for else None
         out[name] = run_method(model, name, task, history, queries, cfg, ck, protocols)
-        if on_trained is not None and METHODS[name].trains_user_stage and history:
+        if spec.personal_embedding and fit is not None:
+            out[name].add_training(fit)
+        if on_trained is not None and spec.trains_user_stage and history:
             on_trained(name, model)
     torch.manual_seed(cfg.seed)
     return out
+
+
+def _fit_embedding(
+    model: ProperModel, specs: Sequence[Method], user_id: str, history: Sequence[Example], cfg: TrainConfig
+) -> StageResult | None:
+    """The user's own embedding row, fitted once for every method that uses it (None: no method does, or
+    the user has no history to fit it on)."""
+    if not history or not any(s.personal_embedding for s in specs):
+        return None
+    return stages.fit_user_embedding(model, user_id, history, cfg)

@@ -7,6 +7,7 @@ LoRA-aware router (stage 3).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +28,17 @@ from proper_fed.train.trainer import (
     unknown_user_dropout,
 )
 
-# How the device-side stage may mix the frozen experts: PROPER's LoRA-aware router, the ablation's uniform mix,
-# or no experts at all (OPPU: population + a per-user LoRA). The user-aware router needs a user table row.
-USER_EXPERT_MIXES = (ExpertMix.LORA_ROUTER, ExpertMix.UNIFORM, ExpertMix.NONE)
+# How the device-side stage may mix the frozen experts: PROPER's LoRA-aware router started at the user's stage-2
+# routing, the paper's LoRA-aware router alone, the user's frozen stage-2 routing (no LoRA-aware router), the
+# uniform mix (ablation), or no experts at all (OPPU: population + a per-user LoRA). The mixes that read the
+# user embedding use this device user's row of the user table (`fit_user_embedding`).
+USER_EXPERT_MIXES = (
+    ExpertMix.LORA_ROUTER_FROM_GROUP,
+    ExpertMix.LORA_ROUTER,
+    ExpertMix.USER_ROUTER,
+    ExpertMix.UNIFORM,
+    ExpertMix.NONE,
+)
 
 
 def train_population(
@@ -112,27 +121,59 @@ def train_end_to_end(
     return _group_like(model, examples, cfg, ["population", "group"], "end_to_end", checkpointer, ranks)
 
 
+def _own_rows(model: ProperModel):
+    """User rows of a device's batches: its user's row of the table (row 0 if the table does not know it)."""
+    return lambda user_ids, step: model.user_rows(user_ids)
+
+
+def fit_user_embedding(
+    model: ProperModel,
+    user_id: str,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    checkpointer: Checkpointer | None = None,
+) -> StageResult:
+    """On a device: this user's own row of the user table, fitted on its history with the stage-2 router and
+    experts frozen (cfg.embedding_epochs at cfg.embedding_lr). The table the bundle carries has only the
+    unknown-user row; the new row starts there, so with 0 epochs the user is routed as an unknown user."""
+    model.add_user(user_id)
+    model.set_mode(population=True, experts=ExpertMix.USER_ROUTER)
+    model.set_trainable([])
+    if cfg.embedding_epochs == 0:
+        return StageResult("embedding")
+    table = model.lora_user_embedding.weight
+    table.requires_grad_(True)
+    fit = dataclasses.replace(cfg, epochs=cfg.embedding_epochs, lr=cfg.embedding_lr, weight_decay=0.0)
+    return run_stage(
+        model, examples, fit, "embedding", [table], user_rows_fn=_own_rows(model), checkpointer=checkpointer
+    )
+
+
 def train_user(
     model: ProperModel,
     examples: Sequence[Example],
     cfg: TrainConfig,
-    expert_mix: ExpertMix | str = ExpertMix.LORA_ROUTER,
+    expert_mix: ExpertMix | str = ExpertMix.LORA_ROUTER_FROM_GROUP,
     checkpointer: Checkpointer | None = None,
 ) -> StageResult:
-    """Stage 3, on one user's own history: a fresh user LoRA and LoRA-aware router over the frozen experts.
+    """Stage 3, on one user's own history: a fresh user LoRA (and LoRA-aware router, for the mixes that have
+    one) over the frozen population and experts.
 
-    expert_mix: "lora_router" (PROPER), "uniform" (ablation: experts mixed 1/k) or "none" (OPPU).
+    expert_mix: "lora_router_from_group" (PROPER: starts exactly at the user's stage-2 model), "lora_router"
+    (the paper's router from a random init), "user_router" (the user's stage-2 routing, frozen), "uniform"
+    (experts mixed 1/k) or "none" (OPPU).
     """
     mix = _user_mix(expert_mix)
-    model.reset_user(cfg.seed)
+    model.reset_user(cfg.seed, router_from_group=mix is ExpertMix.LORA_ROUTER_FROM_GROUP)
     model.set_mode(population=True, experts=mix, user=True)
     trainable = model.set_trainable(["user"])
-    if mix is not ExpertMix.LORA_ROUTER:  # the router is unused: do not count or update it
+    if not mix.has_lora_router:  # the router is unused: do not count or update it
         trainable = [p for n, p in model.scope_parameters("user").items() if not n.endswith("lora_beta")]
         model.set_trainable([])
         for p in trainable:
             p.requires_grad_(True)
-    return run_stage(model, examples, cfg, "user", trainable, checkpointer=checkpointer)
+    rows = _own_rows(model) if mix.reads_user_embedding else None
+    return run_stage(model, examples, cfg, "user", trainable, user_rows_fn=rows, checkpointer=checkpointer)
 
 
 def _user_mix(value: ExpertMix | str) -> ExpertMix:
@@ -143,7 +184,7 @@ def _user_mix(value: ExpertMix | str) -> ExpertMix:
 
 
 def serving_mode(
-    model: ProperModel, serves: Stage | str, expert_mix: ExpertMix | str = ExpertMix.LORA_ROUTER
+    model: ProperModel, serves: Stage | str, expert_mix: ExpertMix | str = ExpertMix.LORA_ROUTER_FROM_GROUP
 ) -> None:
     """Switch the adapters on for inference after `serves` ("base", "population", "group" or "user")."""
     after = as_stage(serves)
