@@ -148,3 +148,20 @@ def test_split_needs_users_on_both_sides():
     with pytest.raises(ConfigError, match="need >= 2"):
         split_federation(one)
     assert isinstance(one.users[0], User)
+
+
+def test_a_validation_run_never_sees_the_device_users():
+    from proper_fed.federation.run_settings import RunSettings, load_split
+
+    s = RunSettings(data="synthetic", server_fraction=0.5)
+    real = load_split(s)
+    val = load_split(RunSettings(data="synthetic", server_fraction=0.5, validation=True))
+    real_devices = {u.user_id for u in real.device_users}
+    val_users = {u.user_id for u in (*val.server_users, *val.device_users)}
+    assert val_users == {u.user_id for u in real.server_users}  # only the real run's server users
+    assert not val_users & real_devices
+    assert val.server_users and val.device_users
+    assert len(val.server_users) == round(0.5 * len(real.server_users))
+    # the same settings give the same split (every process of a run must agree)
+    again = load_split(RunSettings(data="synthetic", server_fraction=0.5, validation=True))
+    assert [u.user_id for u in again.device_users] == [u.user_id for u in val.device_users]

@@ -169,6 +169,27 @@ def split_federation(
     return split
 
 
+def validation_split(split: FederationSplit, server_fraction: float) -> FederationSplit:
+    """The split for choosing settings: the device users left out entirely, the server's users split again
+    (seeded as the run), a `server_fraction` share training stages 1-2 and the others playing the devices."""
+    if len(split.server_users) < 2:
+        raise ConfigError(
+            f"validation needs >= 2 server users to split into server and validation devices; the run has "
+            f"{len(split.server_users)}: raise server-fraction or max-users"
+        )
+    ids = sorted(u.user_id for u in split.server_users)
+    random.Random(split.seed).shuffle(ids)
+    n_server = min(max(round(server_fraction * len(ids)), 1), len(ids) - 1)
+    keep = set(ids[:n_server])
+    logger.info("validation split: %d server users, %d validation devices", n_server, len(ids) - n_server)
+    return FederationSplit(
+        task=split.task,
+        server_users=tuple(u for u in split.server_users if u.user_id in keep),
+        device_users=tuple(u for u in split.server_users if u.user_id not in keep),
+        seed=split.seed,
+    )
+
+
 def server_training_examples(split: FederationSplit) -> list[Example]:
     """Stages 1-2: the server users' profile items."""
     return [split.task.profile_to_example(u, it) for u in split.server_users for it in u.profile]

@@ -15,6 +15,7 @@ from typing import Any
 from proper_fed.config import ProperConfig, _need
 from proper_fed.data import FederationSplit, load_dataset, split_federation
 from proper_fed.data.scoring import PROTOCOLS, check_protocols
+from proper_fed.data.splits import validation_split
 from proper_fed.data.synthetic import SyntheticConfig, generate_synthetic
 from proper_fed.errors import ConfigError
 from proper_fed.methods import DEVICE_METHODS, VARIANTS, Kind, unknown_names
@@ -40,6 +41,9 @@ class RunSettings:
     `server_threads`: CPU threads of the server stages, 0 = every core of the machine.
     `server_devices`: processes that train the server stages data-parallel (DDP), one GPU each on CUDA; on
     CPU they share `threads` out.
+    `validation`: choose settings without the device users: they are left out of the run entirely, and
+    the server's users are split again (by `server_fraction`), one part training stages 1-2, the other
+    playing the devices.
     `scoring`: scoring protocols, each applied to every method ("generate": greedy answer, parsed, as LaMP;
     "rank": the label with the highest log-likelihood, classification and rating tasks only); the first is
     reported as `<method>`, the others as `<method>@<protocol>`."""
@@ -64,6 +68,7 @@ class RunSettings:
     device_outputs: str = ""
     server_threads: int = 0
     server_devices: int = 1
+    validation: bool = False
     proper: ProperConfig = field(default_factory=ProperConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -159,7 +164,7 @@ def load_split(settings: RunSettings) -> FederationSplit:
         )
         dataset = load_dataset(settings.data, task=task, spec=spec)
     check_protocols(dataset.task, settings.scoring)  # the first point the task is known
-    return split_federation(
+    split = split_federation(
         dataset,
         # a source with its own server users (OPPU's user_others) keeps them, as the README says
         None if dataset.server_user_ids else settings.server_fraction,
@@ -167,3 +172,4 @@ def load_split(settings: RunSettings) -> FederationSplit:
         max_users=settings.max_users or None,
         max_profile=settings.max_profile or None,
     )
+    return validation_split(split, settings.server_fraction) if settings.validation else split
