@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from proper_fed.atomic import atomic_write_text
@@ -95,6 +96,25 @@ def cost_table(results: dict) -> str:
         ]
         lines.append("| " + " | ".join([f"`{name}`", *cells]) + " |")
     return "\n".join(lines)
+
+
+def answer_spread(out: Path, results: dict) -> str:
+    """How varied each method's answers are (from predictions/<method>.json): distinct answers and the most
+    frequent answer's share. A model that answers one label for nearly every query has collapsed."""
+    from collections import Counter
+
+    lines = ["| method | distinct answers | most frequent answer | its share |", "|---|---|---|---|"]
+    for name in ordered_methods(results):
+        path = out / "predictions" / f"{name}.json"
+        if not path.is_file():
+            continue
+        answers = Counter(str(g["output"]) for g in json.loads(path.read_text())["golds"])
+        if not answers:
+            continue
+        top, count = answers.most_common(1)[0]
+        share = count / sum(answers.values())
+        lines.append(f"| `{name}` | {len(answers)} | `{top[:24]}` | {share:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def cohort_table(results: dict, metric: str) -> str:

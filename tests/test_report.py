@@ -72,3 +72,22 @@ def test_report_names_the_protocol_of_every_table_the_parse_rate_and_the_missing
     assert "scoring `generate`" in text and "scoring `rank`" in text
     assert "parse rate" in text and "0.750" in text
     assert "## Missing devices" in text and "node 7" in text and "error 422" in text
+
+
+def test_answer_spread_flags_a_method_that_answers_one_label_for_most_queries(tmp_path):
+    import json
+
+    from simulations.report import answer_spread
+
+    preds = tmp_path / "predictions"
+    preds.mkdir()
+    collapsed = ["skip"] * 9 + ["save"]
+    varied = ["skip", "save", "share", "like", "skip"] * 2
+    for name, outs in (("proper_group", collapsed), ("proper", varied)):
+        golds = [{"id": f"q{i}", "output": o} for i, o in enumerate(outs)]
+        (preds / f"{name}.json").write_text(json.dumps({"task": "t", "golds": golds}))
+    results = {"methods": {"proper_group": {}, "proper": {}, "oppu": {}}}
+    rows = {line.split("|")[1].strip(): line for line in answer_spread(tmp_path, results).splitlines()[2:]}
+    assert set(rows) == {"`proper_group`", "`proper`"}  # oppu has no predictions file: no row
+    assert "| 2 | `skip` | 0.90 |" in rows["`proper_group`"]
+    assert "| 4 | `skip` | 0.40 |" in rows["`proper`"]
