@@ -27,7 +27,8 @@ app.command("bench")(bench_cmd.bench)
 app.add_typer(certs_cmd.certs_app, name="certs")
 app.add_typer(server_cmd.server_app, name="server")
 app.add_typer(client_cmd.client_app, name="client")
-app.command("simulate")(simulate_cmd.simulate_cmd)
+# `--seeds 0 1 2`: click gives an option one value; the other seeds arrive as extra arguments (simulate_cmd._seeds)
+app.command("simulate", context_settings={"allow_extra_args": True})(simulate_cmd.simulate_cmd)
 
 
 def main() -> None:

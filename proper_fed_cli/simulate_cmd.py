@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from simulations.seeds import SeedsOutcome
+    from simulations.simulate import Outcome
+
 console = Console()
 
 
 def simulate_cmd(
+    ctx: typer.Context,
     config: Annotated[
         str,
         typer.Option(
@@ -46,11 +51,21 @@ def simulate_cmd(
             help="Exit 0 even when some devices failed (the table then covers only the devices that answered).",
         ),
     ] = False,
+    seeds: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--seeds",
+            help="Repeat the whole run once per training seed (--seeds 0 1 2) into <out>/seed-<s>/, then "
+            "<out>/seeds.md: means with 95 % bootstrap intervals over users and paired tests. The data split "
+            "stays the same; overrides the config's `seeds`.",
+        ),
+    ] = None,
 ) -> None:
     """Run the federated PROPER pipeline and its baselines on the same users and queries."""
-    from simulations.report import by_protocol
+    from simulations.seeds import SeedsOutcome
     from simulations.simulate import simulate
 
+    seed_list = _seeds(seeds, ctx.args)
     overrides = {
         "data": data,
         "task": task,
@@ -66,7 +81,26 @@ def simulate_cmd(
             console.log(line)
 
         name = "quick" if quick and config == "default" else config
-        outcome = simulate(os.environ, name, overrides, show, plots)
+        outcome = simulate(os.environ, name, overrides, show, plots, seed_list)
+    if isinstance(outcome, SeedsOutcome):
+        _show_seeds(outcome, allow_partial)
+    else:
+        _show_run(outcome, allow_partial)
+
+
+def _seeds(given: list[int] | None, extra: list[str]) -> list[int]:
+    """`--seeds 0 1 2`: click takes one value per option, the rest arrive as extra arguments."""
+    if extra and not given:
+        raise typer.BadParameter(f"unexpected arguments: {' '.join(extra)}", param_hint="--seeds")
+    try:
+        return [*(given or []), *map(int, extra)]
+    except ValueError as err:
+        raise typer.BadParameter(f"seeds are integers, got {' '.join(extra)}", param_hint="--seeds") from err
+
+
+def _show_run(outcome: Outcome, allow_partial: bool) -> None:
+    from simulations.report import by_protocol
+
     res = outcome.results
     users = res["users"]
     answered = res.get("answered") or f"{users['devices_answered']} of {users['devices']} devices answered"
@@ -85,10 +119,30 @@ def simulate_cmd(
             raise typer.Exit(1)
 
 
+def _show_seeds(outcome: SeedsOutcome, allow_partial: bool) -> None:
+    from simulations.seeds_report import comparison_rows, method_rows, warnings
+
+    s = outcome.summary
+    for seed, run in outcome.runs.items():
+        console.print(f"seed {seed}: {run.results['answered']} ({run.out})")
+    console.print(_rows_table(f"{s['task']}: {s['metric']} over seeds {s['seeds']}", *method_rows(s)))
+    console.print(_rows_table("proper against each method, paired per user", *comparison_rows(s)))
+    console.print(f"aggregate: {outcome.out / 'seeds.json'}\nreport:    {outcome.report}")
+    problems = warnings(s)
+    for line in problems:
+        console.print(f"[red]{line}")
+    if problems and not allow_partial:
+        console.print("[red]error: not every device answered in every seed; rerun, or pass --allow-partial")
+        raise typer.Exit(1)
+
+
 def _table(title: str, res: dict) -> Table:
     from simulations.report import score_rows
 
-    head, rows = score_rows(res)
+    return _rows_table(title, *score_rows(res))
+
+
+def _rows_table(title: str, head: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title)
     table.add_column(head[0])
     for k in head[1:]:

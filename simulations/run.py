@@ -8,7 +8,7 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ class SimulationPlan:
     out: Path
     settings: RunSettings
     split: FederationSplit
+    seeds: tuple[int, ...] = ()  # the config's `seeds` (simulations/seeds.py); not a Flower run key
 
 
 def config_path(name_or_path: str) -> Path:
@@ -69,7 +70,7 @@ def plan(config: str = "default", overrides: dict[str, Any] | None = None) -> Si
         "client-resources-num-gpus": 0.0,
         **loaded.federation,
     }
-    return SimulationPlan(flat, federation, out, RunSettings.from_run_config(flat), split)
+    return SimulationPlan(flat, federation, out, RunSettings.from_run_config(flat), split, loaded.seeds)
 
 
 def _federation_value(v: Any) -> str:
@@ -172,19 +173,27 @@ def merge_predictions(out: Path, task: str) -> dict[str, Path]:
     return written
 
 
+def users_by_node(out: Path, device_user_ids: Sequence[str]) -> dict[str, str]:
+    """Simulation only: the device user behind each Flower node id of the run in `out`. Each virtual device
+    notes its partition on the simulation's disk when it starts (client.device.note_partition,
+    `device_outputs/_nodes/<node id>.json`); partition N is the N-th device user of the split. Node ids change
+    from run to run, users do not: this is how runs are matched user by user. A node that noted nothing (or
+    a partition outside the split) is left out."""
+    named = {}
+    for note in sorted((out / "device_outputs" / DEVICE_NODES_DIR).glob("*.json")):
+        pid = int(json.loads(note.read_text())["partition-id"])
+        if 0 <= pid < len(device_user_ids):
+            named[note.stem] = device_user_ids[pid]
+    return named
+
+
 def name_failed_users(out: Path, device_user_ids: list[str]) -> dict[str, str]:
-    """Simulation only: the user behind each failed node, from the partition each virtual device noted on the
-    simulation's disk when it started (client.device.note_partition). Written into results.json as
-    `failed_users` for the report; a device that failed before noting it stays unnamed."""
+    """Simulation only: the user behind each failed node (`users_by_node`). Written into results.json as
+    `failed_users` for the report; a device that failed before noting its partition stays unnamed."""
     path = out / "results.json"
     results = json.loads(path.read_text())
-    named = {}
-    for node in results.get("failed", {}):
-        note = out / "device_outputs" / DEVICE_NODES_DIR / f"{node}.json"
-        if note.is_file():
-            pid = int(json.loads(note.read_text())["partition-id"])
-            if 0 <= pid < len(device_user_ids):
-                named[node] = device_user_ids[pid]
+    users = users_by_node(out, device_user_ids)
+    named = {node: users[node] for node in results.get("failed", {}) if node in users}
     results["failed_users"] = named
     atomic_write_text(path, json.dumps(results, indent=2))
     return named

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from simulations import plots
 from simulations.estimate import Estimate, estimate_run
 from simulations.report import PRIMARY, write_report
 from simulations.run import SimulationPlan, merge_predictions, name_failed_users, plan, run
+from simulations.seeds import SeedsOutcome, check_seeds, run_seeds
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,36 @@ def simulate(
     overrides: dict[str, Any] | None = None,
     on_line: Callable[[str], None] | None = None,
     with_plots: bool = True,
-) -> Outcome:
-    """The whole simulation; `env` is the caller's environment, passed on to Flower with ours on top."""
+    seeds: Sequence[int] = (),
+) -> Outcome | SeedsOutcome:
+    """The whole simulation; `env` is the caller's environment, passed on to Flower with ours on top. With
+    `seeds` (or the config's `seeds`): once per training seed into `<out>/seed-<s>/`, then the comparison over
+    seeds (simulations/seeds.py)."""
     p = plan(config, overrides)
+    seeds = check_seeds(seeds) if seeds else p.seeds
     if on_line:
         users = f"{len(p.split.server_users)} server users, {len(p.split.device_users)} device users"
         on_line(f"{users} (one virtual SuperNode each)")
         on_line(estimate(p, with_plots).describe())
+        if seeds:
+            on_line(
+                f"{len(seeds)} runs, one per training seed ({', '.join(map(str, seeds))}): that time each"
+            )
+    if not seeds:
+        return simulate_plan(p, env, on_line, with_plots)
+    return run_seeds(
+        p, seeds, lambda sp, s: simulate_plan(sp, env, _prefixed(on_line, f"seed {s}: "), with_plots)
+    )
+
+
+def _prefixed(on_line: Callable[[str], None] | None, prefix: str) -> Callable[[str], None] | None:
+    return (lambda line: on_line(prefix + line)) if on_line else None
+
+
+def simulate_plan(
+    p: SimulationPlan, env: Mapping[str, str], on_line: Callable[[str], None] | None, with_plots: bool
+) -> Outcome:
+    """One whole run of a plan: Flower, the failed users named, predictions, plots and report.md."""
     results = run(p, env, on_line)
     if results.get("failed"):
         results["failed_users"] = name_failed_users(p.out, [u.user_id for u in p.split.device_users])

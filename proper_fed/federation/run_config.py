@@ -29,11 +29,13 @@ OUTPUT_PATH_KEYS = ("out", "state-dir", "device-outputs")
 
 @dataclass(frozen=True)
 class RunConfigFile:
-    """A run config TOML read: its flat run keys and its `[federation]` table (simulation only)."""
+    """A run config TOML read: its flat run keys, its `[federation]` table and its `seeds` (simulation only:
+    `simulate` repeats the run once per training seed, see simulations/seeds.py; not a Flower run key)."""
 
     path: Path
     flat: dict[str, Any]
     federation: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
 
 
 def flatten_config(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -65,7 +67,17 @@ def load_run_config(path: str | os.PathLike[str]) -> RunConfigFile:
     raw = read_toml(path)
     federation = raw.pop("federation", {})
     run = raw.pop("run", {})
-    return RunConfigFile(Path(path), {**flatten_config(run), **flatten_config(raw)}, federation)
+    seeds = parse_seeds(run.pop("seeds", raw.pop("seeds", [])))
+    return RunConfigFile(Path(path), {**flatten_config(run), **flatten_config(raw)}, federation, seeds)
+
+
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    """A simulation config's `seeds = [0, 1, 2]`; [] = one run, no seeds."""
+    items = value if isinstance(value, list) else [None]  # `seeds = 3` could mean seed 3 or three seeds
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    if not integers or len(set(items)) != len(items):
+        raise ConfigError(f"seeds = {value!r}: use a list of distinct integers, e.g. seeds = [0, 1, 2]")
+    return tuple(items)
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
