@@ -24,15 +24,22 @@ from client.device import (
     write_local_predictions,
 )
 from client.privacy_guard import error_reply, privacy_guard
+from client.store import DEVICE_KEY_ENV, use_device_key
 from proper_fed.artifacts.base_store import find_base
 from proper_fed.errors import ProperFedError, public_error
 from proper_fed.federation import wire
 from proper_fed.federation.run_settings import RunSettings
 from proper_fed.federation.wire import QUERY_BASE, TRAIN_USER
+from proper_fed.model.backbone import cache_root, use_cache_dir
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 
+# The environment is read here, at the app's entry point, and nowhere below it: the device's cache folder (bases,
+# converted models), its store folder and key, its CPU threads.
+use_cache_dir(cache_root(os.environ))
+use_device_key(os.environ.get(DEVICE_KEY_ENV, ""))
+STORE_DIR = os.environ.get("PROPER_FED_STORE", "")  # unless the node config names one (`store-dir`)
 if os.environ.get("PROPER_FED_THREADS"):
     torch.set_num_threads(int(os.environ["PROPER_FED_THREADS"]))
 
@@ -90,7 +97,7 @@ def _personalize(msg: Message, context: Context) -> dict[str, float]:
     folder = base_folder(bundle, node, *_received_base(content))
     me = device_user(settings, node)
     backbone = load_device_backbone(folder, settings)
-    store = store_for(node, context.node_id)
+    store = store_for(node, context.node_id, STORE_DIR)
     ranking = content[wire.RUN].get(wire.RUN_LABEL_RANKING)
     numbers, predictions = personalize_device(
         me, bundle, backbone, settings, store, None if ranking is None else [str(r) for r in ranking]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,12 +171,10 @@ def keep_bundle(bundle: Bundle, store: AdapterStore) -> Path:
     return save_bundle(bundle, store.root / BUNDLE_DIR)
 
 
-def store_for(node_config: Mapping[str, Any], node_id: int) -> AdapterStore:
-    root = (
-        node_config.get("store-dir")
-        or os.environ.get("PROPER_FED_STORE")
-        or cache_dir() / "device-store" / str(node_id)
-    )
+def store_for(node_config: Mapping[str, Any], node_id: int, store_dir: str = "") -> AdapterStore:
+    """The device's encrypted store: the node config's `store-dir`, else `store_dir` (the ClientApp's edge
+    passes $PROPER_FED_STORE), else `<cache>/device-store/<node id>`."""
+    root = node_config.get("store-dir") or store_dir or cache_dir() / "device-store" / str(node_id)
     return AdapterStore.open(Path(str(root)))
 
 

@@ -2,7 +2,7 @@
 
 Layout of a store directory (created 0700):
 
-    device.key                   the 32-byte AES-256-GCM key as hex, mode 0600 (unless $PROPER_FED_DEVICE_KEY)
+    device.key                   the 32-byte AES-256-GCM key as hex, mode 0600 (unless the edge was given one)
     adapters/<h(user)>.pfa       the user's adapter: encrypted safetensors (tensors + JSON meta)
     checkpoints/<h(user)>.<stage>.pfb   the trainer's per-epoch checkpoint of one user stage (`checkpointer`)
 
@@ -11,6 +11,9 @@ can escape the folder.
 Every file is `proper_fed.artifacts.crypto.encrypt(device key, payload, associated data = kind + user id)`: a file
 copied to another user's slot, or an adapter swapped for a checkpoint, fails authentication. Writes are
 atomic: a failed write leaves the previous file intact.
+
+The device key may instead come from `$PROPER_FED_DEVICE_KEY`: the edges (the CLI, the ClientApp's entry point)
+read it and hand it over with `use_device_key`; nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from proper_fed.errors import CryptoError, StoreError
 
 logger = logging.getLogger(__name__)
 
-DEVICE_KEY_ENV = "PROPER_FED_DEVICE_KEY"
+DEVICE_KEY_ENV = "PROPER_FED_DEVICE_KEY"  # read by the edges only, passed to `use_device_key`
 DEVICE_KEY_FILE = "device.key"
 STORE_FORMAT = "proper-fed-store/1"
 
@@ -68,15 +71,27 @@ def _parse_hex_key(text: str, source: str) -> bytes:
     return key
 
 
-def load_or_create_device_key(root: str | os.PathLike[str]) -> bytes:
-    """The device key: from $PROPER_FED_DEVICE_KEY (hex) if set, else `root/device.key`, created on first use.
+_given_key = ""  # hex; the device key this process's edge was given (`use_device_key`), "" for none
+
+
+def use_device_key(hex_key: str) -> None:
+    """Make `hex_key` (what the edge read from $PROPER_FED_DEVICE_KEY; "" for none) the device key of every
+    store this process opens without an explicit key. Checked when a store opens, so a bad value fails there,
+    with the store's error, as it always did."""
+    global _given_key
+    _given_key = hex_key
+
+
+def load_or_create_device_key(root: str | os.PathLike[str], given: str | None = None) -> bytes:
+    """The device key: `given` (hex; default: the key set with `use_device_key`) if non-empty, else
+    `root/device.key`, created on first use.
 
     Creation is race-free: two processes opening a fresh store agree on one key (the file is linked into place
     only if absent).
     """
-    env = os.environ.get(DEVICE_KEY_ENV)
-    if env:
-        return _parse_hex_key(env, f"${DEVICE_KEY_ENV}")
+    given = _given_key if given is None else given
+    if given:
+        return _parse_hex_key(given, f"${DEVICE_KEY_ENV}")
     path = Path(root) / DEVICE_KEY_FILE
     if not path.exists():
         try:

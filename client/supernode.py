@@ -4,7 +4,8 @@
 activated the node, and the process must still be alive a moment later. If it exits first, `start` raises with
 the SuperNode's own last error lines (`CERTIFICATE_VERIFY_FAILED`, `[code: 2004] Failed to activate SuperNode`).
 A 2004 right after this device's SuperNode was connected means the SuperLink still counts the old one online
-(its heartbeat window, 2 x 30 s in Flower 1.41): then `start` waits and tries again instead of failing.
+(its heartbeat window, 2 x 30 s in Flower 1.41): then `start` waits and tries again instead of failing, every
+`RETRY_EVERY_S` until `HEARTBEAT_WINDOW_S` after the first refusal, and then raises saying so.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ PID_FILE, LOG_FILE = "supernode.pid", "supernode.log"
 EXECUTABLE = "flower-supernode"
 CONNECTED = "SuperNode ID:"  # flwr.supernode.start_client_internal logs it once the node is activated
 STILL_ONLINE = "[code: 2004]"  # Failed to activate SuperNode: unregistered, or the old one is still online
-HEARTBEAT_WINDOW_S = 75.0  # Flower: online_until = now + HEARTBEAT_PATIENCE (2) x heartbeat interval (30 s)
+# Flower: online_until = last heartbeat + HEARTBEAT_PATIENCE (2) x heartbeat interval (30 s); 15 s of margin.
+HEARTBEAT_WINDOW_S = 75.0
 RETRY_EVERY_S = 10.0
 OnLine = Callable[[str], None]
 
@@ -72,7 +74,7 @@ def start(
         raise DeployError(
             f"a SuperNode of {store} already runs (pid {running.pid}); `proper-fed client stop --store {store}`"
         )
-    first_refusal: float | None = None
+    first_failure: float | None = None
     while True:
         follower = LogFollower(store / LOG_FILE)
         proc = spawn(cmd, store / LOG_FILE, env, detach, pid_path=store / PID_FILE)
@@ -80,9 +82,11 @@ def start(
         if why is None:
             return Running(proc, follower)
         (store / PID_FILE).unlink(missing_ok=True)
-        first_refusal = first_refusal or time.monotonic()
-        if not _retry_after_heartbeat(follower, time.monotonic() - first_refusal, on_line):
-            raise DeployError(_failure(why, follower, store))
+        retried = first_failure is not None
+        first_failure = first_failure if retried else time.monotonic()
+        waited_s = time.monotonic() - first_failure
+        if not _retry_after_heartbeat(follower, waited_s, on_line):
+            raise DeployError(_failure(why, follower, store, waited_s if retried else None))
 
 
 def _await_connection(
@@ -106,24 +110,34 @@ def _retry_after_heartbeat(follower: LogFollower, waited_s: float, on_line: OnLi
     refused = any(STILL_ONLINE in ln for ln in follower.seen)
     if not (refused and CONNECTED in follower.before() and waited_s < HEARTBEAT_WINDOW_S):
         return False
+    pause = min(RETRY_EVERY_S, HEARTBEAT_WINDOW_S - waited_s)  # the last try lands on the deadline
     note = (
         f"the SuperLink still counts this device's previous SuperNode as online (heartbeat window); "
-        f"retrying in {RETRY_EVERY_S:.0f} s ({waited_s:.0f} of {HEARTBEAT_WINDOW_S:.0f} s waited)"
+        f"retrying in {pause:.0f} s ({waited_s:.0f} of {HEARTBEAT_WINDOW_S:.0f} s waited)"
     )
     log.warning(note)
     if on_line is not None:
         on_line(note)
-    time.sleep(RETRY_EVERY_S)
+    time.sleep(pause)
     return True
 
 
-def _failure(why: str, follower: LogFollower, store: Path) -> str:
+def _failure(why: str, follower: LogFollower, store: Path, retried_s: float | None = None) -> str:
+    """The error of a SuperNode that did not connect: its own reason, and what a refused activation means.
+    `retried_s`: how long `start` already retried a refused activation (None: it did not)."""
     reason = follower.reason()
+    key = store / "node-auth" / "node_auth_key.pub"
     hint = ""
-    if STILL_ONLINE in reason:
+    if STILL_ONLINE in reason and retried_s is not None:
+        hint = (
+            f"\nthe SuperLink still refused to activate this node after {retried_s:.0f} s of retries, past its "
+            "heartbeat window: another SuperNode with this device's key is still connected (stop it), or the key "
+            f"is no longer registered (operator: `proper-fed server register-client {key}`)"
+        )
+    elif STILL_ONLINE in reason:
         hint = (
             "\nthe SuperLink refused to activate this node: is its public key registered "
-            f"(operator: `proper-fed server register-client {store / 'node-auth' / 'node_auth_key.pub'}`)?"
+            f"(operator: `proper-fed server register-client {key}`)?"
         )
     return f"the SuperNode {why} without connecting:\n{reason}{hint}\n(full log: {store / LOG_FILE})"
 

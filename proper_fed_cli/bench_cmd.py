@@ -11,6 +11,7 @@ import typer
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.errors import ProperFedError
+from proper_fed_cli.environment import configure_library
 
 
 def bench(
@@ -39,6 +40,7 @@ def bench(
     this machine's matmul peak; print and save JSON."""
     from proper_fed.tools.bench import run_benchmark  # torch and transformers load only when the command runs
 
+    configure_library()
     try:
         result = run_benchmark(
             model=model,

@@ -16,6 +16,7 @@ import typer
 
 from client import supernode
 from client.enroll import Enrollment, enroll, load_enrollment, register_hint
+from proper_fed_cli.environment import configure_library
 
 client_app = typer.Typer(
     help="Run the device side of a deployment (SuperNode + ClientApp).", no_args_is_help=True
@@ -128,6 +129,7 @@ def enroll_cmd(
     connect_timeout: ConnectTimeout = 60.0,
 ) -> None:
     """Enroll this device: node key pair, pinned server keys, then start its SuperNode."""
+    configure_library()
     enrollment, created = enroll(
         store or _default_store(user_id), data, server_key, superlink, root_cert, user_id=user_id, task=task,
         insecure=insecure, base_folder=base_folder, repin=repin,
@@ -196,5 +198,6 @@ def generate_cmd(
     """Answer a prompt on the device with the user's stored adapter over the verified bundle."""
     from client.enroll import answer
 
+    configure_library()
     text = answer(store, prompt, user_id, max_new_tokens, quantization, base_folder)
     typer.echo(text if text else "(the model produced an empty answer)")

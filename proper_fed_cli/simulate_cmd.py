@@ -62,9 +62,11 @@ def simulate_cmd(
     ] = None,
 ) -> None:
     """Run the federated PROPER pipeline and its baselines on the same users and queries."""
+    from proper_fed_cli.environment import configure_library
     from simulations.seeds import SeedsOutcome
     from simulations.simulate import simulate
 
+    configure_library()
     seed_list = _seeds(seeds, ctx.args)
     overrides = {
         "data": data,

