@@ -1,36 +1,40 @@
 """The Flower ServerApp: phase 1 trains the population and group stages on the server's users, phase 2
-builds and signs the bundle, phase 3 sends it to the devices (with the base only where it is missing),
-collects metrics only, and writes the results file."""
+builds and signs the bundle, phase 3 sends it to the devices (with the base only where it is missing) and
+collects their answers: "done", or an error with a fixed text. With secure aggregation (the default) a SecAgg+
+round then sums the devices' statistics, and the server learns only those sums (without, each device's
+statistics come back in the clear). It writes the results file."""
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import time
 
 from flwr.app import Context, Message
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
 from proper_fed.artifacts.base_store import base_hash, load_base_state_dict, side_files
 from proper_fed.artifacts.bundle import Bundle, build_bundle
 from proper_fed.data import FederationSplit
 from proper_fed.data.baselines import has_label_baselines, label_ranking
+from proper_fed.federation.reply_schema import run_reply_schema
 from proper_fed.federation.run_settings import RunSettings, load_split
+from proper_fed.federation.secure_sum import sum_plan
 from proper_fed.federation.wire import (
     QUERY_BASE,
     RUN_LABEL_RANKING,
     RUN_TASK,
+    SECURE_SUM_TYPE,
     SHIPPED_SCOPES,
     TRAIN_USER,
     tensor_group,
     variant_entry,
 )
-from proper_fed.model.backbone import model_folder
+from proper_fed.model.backbone import cache_root, model_folder, use_cache_dir
+from server.audit import AuditedGrid
 from server.progress import Progress
 from server.results import DeviceReply, write_results
+from server.secure_metrics import SecureRelease, check_enough_devices, secure_sums
 from server.server_stages import ServerModel
 from server.signing import load_or_create_signing_key
 from server.stage_process import train_server_stages_in_child
@@ -48,34 +52,7 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 # The environment is read here, at the app's entry point, and nowhere below it.
 RECORD_REPLIES = os.environ.get("PROPER_FED_RECORD_REPLIES", "")
-
-
-def record_reply(msg: Message, path: str = RECORD_REPLIES) -> None:
-    """Audit hook (used by the deployment tests): with $PROPER_FED_RECORD_REPLIES=<file>, append every reply
-    that reached the server as one JSON line: sender, type, error text, record types, exact content bytes."""
-    if not path:
-        return
-    content = msg.content if msg.has_content() else None
-    entry = {
-        "node": msg.metadata.src_node_id,
-        "type": msg.metadata.message_type,
-        "error": msg.error.reason if msg.has_error() else None,
-        "records": {k: type(v).__name__ for k, v in content.items()} if content else {},
-        "content": base64.b64encode(recorddict_to_proto(content).SerializeToString()).decode()
-        if content
-        else "",
-    }
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def device_of(reply: Message, sent: list[Message]) -> int:
-    """The device a reply is about. For a device that went offline the SuperLink itself answers (its own node
-    id as the sender, error "Node Unavailable"), so match the reply to the message it answers."""
-    for m in sent:
-        if m.metadata.message_id == reply.metadata.reply_to_message_id:
-            return m.metadata.dst_node_id
-    return reply.metadata.src_node_id
+use_cache_dir(cache_root(os.environ))
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
@@ -91,7 +68,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> list[int]:
     return nodes
 
 
-def collect(grid: Grid, messages: list, timeout_s: float, progress: Progress):
+def collect(grid: AuditedGrid, messages: list, timeout_s: float, progress: Progress):
     """Push, then pull replies as they come, logging progress and the time left (send_and_receive is silent).
     Gives up on the devices still silent once `timeout_s` passes without any reply: a deadline for the whole
     phase would fail the last devices of a large simulation, whose virtual devices take turns on few cores."""
@@ -105,7 +82,7 @@ def collect(grid: Grid, messages: list, timeout_s: float, progress: Progress):
             done += 1
             elapsed = time.monotonic() - start
             left = elapsed / done * (total - done)
-            node = device_of(msg, messages)
+            node = grid.device_of(msg)
             status = "failed" if msg.has_error() else "done"
             progress(
                 f"devices done {done}/{total} (node {node} {status}), {elapsed:.0f} s elapsed, "
@@ -119,8 +96,10 @@ def collect(grid: Grid, messages: list, timeout_s: float, progress: Progress):
 
 
 @app.main()
-def main(grid: Grid, context: Context) -> None:
+def main(flower_grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
+    # Every reply of every phase passes this grid: the audit file and the secure sum's bytes per device.
+    grid = AuditedGrid(flower_grid, RECORD_REPLIES, accounted=(SECURE_SUM_TYPE,))
     t0 = time.perf_counter()
     progress = Progress(settings.out)
     progress(
@@ -133,21 +112,47 @@ def main(grid: Grid, context: Context) -> None:
     progress("phase 2/3: signing the bundle")
     bundle = sign_bundle(settings, models)
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
+    if settings.secure_aggregation:
+        check_enough_devices(nodes, settings.min_devices)
     replies = probe_bases(grid, nodes, bundle, settings.node_wait_s)
 
     t1 = time.perf_counter()
     messages = train_messages(replies, bundle, run_info(split))
     progress(f"phase 3/3: personalizing on {len(messages)} devices")
     for msg in collect(grid, messages, settings.reply_timeout_s, progress):
-        record_reply(msg)
-        replies[device_of(msg, messages)].take_reply(msg)
+        replies[grid.device_of(msg)].take_reply(msg)
+    sums = secure_sum_phase(grid, context, settings, split, replies, progress)
     timings = {
         "server_stages_s": t_server,
         "device_phase_s": time.perf_counter() - t1,
         "total_s": time.perf_counter() - t0,
     }
-    path = write_results(settings, split, models, replies, timings, bundle.base_content_hash)
+    path = write_results(settings, split, models, replies, timings, bundle.base_content_hash, sums)
     progress(f"results written to {path}")
+
+
+def secure_sum_phase(
+    grid: AuditedGrid,
+    context: Context,
+    settings: RunSettings,
+    split: FederationSplit,
+    replies: dict[int, DeviceReply],
+    progress: Progress,
+) -> SecureRelease | None:
+    """With secure aggregation: SecAgg+ over the devices that finished the user stage; what the server
+    learned (the sums, or why nothing was released). None without secure aggregation."""
+    if not settings.secure_aggregation:
+        return None
+    ready = [n for n, r in replies.items() if r.ready]
+    progress(
+        f"secure sum of the statistics of {len(ready)} devices (SecAgg+, at least {settings.min_devices})"
+    )
+    plan = sum_plan(run_reply_schema(settings, split.task), settings)
+    sums = secure_sums(grid, context, ready, plan, settings.node_wait_s)
+    for node, counted in grid.bytes.items():
+        if node in replies:
+            replies[node].account("secure_sum", counted["sent"], counted["received"])
+    return SecureRelease(plan, sums, ready)
 
 
 def sign_bundle(settings: RunSettings, models: dict[str, ServerModel]) -> Bundle:
@@ -177,14 +182,15 @@ def run_info(split: FederationSplit) -> dict[str, str | list[str]]:
     return info
 
 
-def probe_bases(grid: Grid, nodes: list[int], bundle: Bundle, timeout_s: float) -> dict[int, DeviceReply]:
+def probe_bases(
+    grid: AuditedGrid, nodes: list[int], bundle: Bundle, timeout_s: float
+) -> dict[int, DeviceReply]:
     """Ask every device whether it holds the bundle's base; one DeviceReply per node, with the answer."""
     replies = {n: DeviceReply(n) for n in nodes}
     probe = base_probe(bundle.base_content_hash, bundle.base_model_id)
     probes = [make_message(probe, n, QUERY_BASE) for n in nodes]
     for msg in grid.send_and_receive(probes, timeout=timeout_s):
-        record_reply(msg)
-        r = replies[device_of(msg, probes)]
+        r = replies[grid.device_of(msg)]
         r.account("query_base", payload_bytes(probe), payload_bytes(msg.content) if msg.has_content() else 0)
         r.has_base = has_base(msg)
     return replies

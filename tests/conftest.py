@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+from proper_fed.model.backbone import cache_root, use_cache_dir
+
+use_cache_dir(cache_root(os.environ))  # the test process is an edge too: $PROPER_FED_CACHE as CI sets it
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
