@@ -1,5 +1,7 @@
 """The Flower ClientApp of a device: `query.base` says whether the device holds the base, `train.user` runs
-the user stage on the device's own history and replies with metrics only (checked by the privacy guard)."""
+the user stage on the device's own history and keeps its statistics for the secure sum (or, without secure
+aggregation, replies with them; checked by the privacy guard), `train` is Flower's SecAgg+ round that sums
+them (`client/secure_metrics.py`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from client.device import (
@@ -24,6 +27,7 @@ from client.device import (
     write_local_predictions,
 )
 from client.privacy_guard import error_reply, privacy_guard
+from client.secure_metrics import keep_for_secure_sum, secagg_guard, secure_sum_reply, write_local_stats
 from client.store import DEVICE_KEY_ENV, use_device_key
 from proper_fed.artifacts.base_store import find_base
 from proper_fed.errors import ProperFedError, public_error
@@ -80,7 +84,30 @@ def train_user(msg: Message, context: Context) -> Message:
         log.exception("user stage failed unexpectedly")
         return _error(msg, err)
     numbers["device_total_s"] = time.perf_counter() - t0
-    return Message(RecordDict({wire.METRICS: MetricRecord(numbers)}), reply_to=msg)
+    return _reply_with(msg, context, numbers)
+
+
+def _reply_with(msg: Message, context: Context, numbers: dict[str, float]) -> Message:
+    """With secure aggregation: keep the statistics for the SecAgg+ round and say only "done" (in simulation
+    they are also kept on the simulation's disk, for its per-user tables); without: send them."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    if not settings.secure_aggregation:
+        return Message(RecordDict({wire.METRICS: MetricRecord(numbers)}), reply_to=msg)
+    try:
+        keep_for_secure_sum(context, numbers)
+        if settings.device_outputs:
+            write_local_stats(settings.device_outputs, context.node_id, numbers)
+    except Exception as err:
+        log.exception("the statistics could not be kept for the secure sum")
+        return _error(msg, err)
+    return Message(RecordDict(), reply_to=msg)
+
+
+@app.train(mods=[secagg_guard, secaggplus_mod])
+def secure_sum(msg: Message, context: Context) -> Message:
+    """Flower's SecAgg+ round (plain `train` messages, four stages run by secaggplus_mod): this handler is
+    called in its masked-vector stage and hands over the vector kept by the user stage."""
+    return secure_sum_reply(msg, context)
 
 
 def _personalize(msg: Message, context: Context) -> dict[str, float]:

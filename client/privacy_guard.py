@@ -1,4 +1,6 @@
-"""The one place that decides what may leave a device in the user stage: metrics in the run's exact schema.
+"""The one place that decides what may leave a device in the user stage: with secure aggregation (the
+default) nothing but "done" (the statistics follow through SecAgg+, checked against the same schema by
+`client/secure_metrics.py`); without it, metrics in the run's exact schema.
 
 The schema (`proper_fed/federation/reply_schema.py`) is derived from public facts only: the run config (methods,
 variants, scoring protocols) and the task's public label set. A reply passes only if it is one MetricRecord named
@@ -74,10 +76,23 @@ def violation(reply: Message, schema: ReplySchema | None) -> str | None:
     return None
 
 
+def secure_violation(reply: Message) -> str | None:
+    """With secure aggregation the user stage's reply says only "done": its statistics leave the device only
+    through SecAgg+ (`client/secure_metrics.py`)."""
+    if reply.has_error():
+        return error_violation(reply.error)
+    if len(reply.content) != 0:
+        return "a record in a secure-aggregation run (statistics leave the device only through SecAgg+)"
+    return None
+
+
 def _checked(msg: Message, reply: Message, context: Context) -> Message:
     try:
-        schema = None if reply.has_error() else reply_schema_for(context.run_config, context.node_config)
-        why = violation(reply, schema)
+        if RunSettings.from_run_config(dict(context.run_config)).secure_aggregation:
+            why = secure_violation(reply)
+        else:
+            schema = None if reply.has_error() else reply_schema_for(context.run_config, context.node_config)
+            why = violation(reply, schema)
     except Exception:  # a reply the guard could not check does not leave
         log.exception("privacy guard could not derive the reply schema; the reply is blocked")
         return blocked_reply(msg)

@@ -1,10 +1,12 @@
-"""Aggregate what devices reported (numbers only) into the run's results file."""
+"""The run's results file from what the server learned: with secure aggregation, the SecAgg+ sums of the
+devices' statistics (plus, in simulation only, per-user and per-cohort tables computed from the virtual
+devices' own files on the simulation's disk, labelled as such); without, each device's statistics."""
 
 from __future__ import annotations
 
 import json
-import statistics
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +16,18 @@ from proper_fed.atomic import atomic_write_text
 from proper_fed.data import FederationSplit
 from proper_fed.data.metric_stats import add_stats, metrics_from_stats, parse_rate
 from proper_fed.data.metrics import cohort_labels
-from proper_fed.federation.reply_schema import COST_KEYS
-from proper_fed.federation.run_settings import RunSettings
+from proper_fed.data.task_spec import TaskSpec
+from proper_fed.federation.run_settings import RunSettings, device_stats_path
+from proper_fed.federation.secure_sum import DEVICES_KEY
 from proper_fed.federation.wire import METRICS
 from server.method_costs import method_costs
+from server.secure_metrics import SecureRelease
+
+LOCAL_TABLES = (
+    "simulation only: per-user and per-cohort tables computed from the virtual devices' own statistics on the "
+    "simulation's disk (device_outputs/_nodes/stats), never sent to the server"
+)
+NO_TABLES = "none: with secure aggregation the server learns only sums over devices"
 
 
 @dataclass
@@ -26,6 +36,7 @@ class DeviceReply:
     has_base: bool = False
     sent_train: int = 0
     metrics: dict[str, float] | None = None
+    ready: bool = False  # finished the user stage; with secure aggregation its statistics wait for the sum
     error: str | None = None
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -39,51 +50,90 @@ class DeviceReply:
         self.account("train_user", self.sent_train, received)
         if msg.has_error():
             self.error = f"device error {msg.error.code}: {msg.error.reason}"
-        else:
+        elif METRICS in msg.content:
             self.metrics = dict(msg.content[METRICS])
+        else:
+            self.ready = True
 
-    def methods(self) -> dict[str, dict[str, float]]:
-        """Per method: its statistics, from keys '<method>.<stat>'. A further scoring protocol's
-        '<method>@<protocol>.<stat>' is a method of its own ('proper@rank'); a stat may hold a dot ('tp.3')."""
-        out: dict[str, dict[str, float]] = defaultdict(dict)
-        for key, value in (self.metrics or {}).items():
-            method, _, stat = key.partition(".")
-            if stat:
-                out[method][stat] = float(value)
-        return dict(out)
+
+def by_method(numbers: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Per method: its statistics, from keys '<method>.<stat>'. A further scoring protocol's
+    '<method>@<protocol>.<stat>' is a method of its own ('proper@rank'); a stat may hold a dot ('tp.3')."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for key, value in numbers.items():
+        method, _, stat = key.partition(".")
+        if stat:
+            out[method][stat] = float(value)
+    return dict(out)
+
+
+def method_tables(
+    task: TaskSpec, pooled: Mapping[str, float], users: int, per_device: Mapping[str, Mapping[str, float]]
+) -> dict:
+    """Per method: the pooled metrics from the summed statistics of `users` devices, costs per user (sums
+    divided by `users`), and per-user and per-cohort tables from `per_device` statistics (empty: no tables)."""
+    history = {n: int(s.get("history_len", 0)) for n, s in per_device.items()}
+    cohort_of = cohort_labels(history) if history else {}
+    devices = {n: by_method(s) for n, s in per_device.items()}
+    methods = {}
+    for method, stats in by_method(pooled).items():
+        own = {n: d[method] for n, d in devices.items() if method in d}
+        cohorts: dict[str, list[dict]] = defaultdict(list)
+        for n, s in own.items():
+            cohorts[cohort_of[n]].append(s)
+        methods[method] = {
+            "metrics": metrics_from_stats(task, stats),
+            "parse_rate": parse_rate(stats),
+            "per_user": {n: metrics_from_stats(task, s) for n, s in own.items()},
+            "cohorts": {c: metrics_from_stats(task, add_stats(v)) for c, v in sorted(cohorts.items())},
+            "train_seconds_per_user": stats.get("train_s", 0.0) / users,
+            "eval_seconds_per_user": stats.get("eval_s", 0.0) / users,
+            "trainable_parameters_per_user": stats.get("trainable_params", 0.0) / users,
+            "train_tokens_per_user": stats.get("train_tokens", 0.0) / users,
+            "users": users,
+        }
+    return {"methods": methods, "history_len": history}
 
 
 def aggregate(split: FederationSplit, replies: dict[int, DeviceReply]) -> dict:
-    task = split.task
-    ok = {n: r for n, r in replies.items() if r.metrics is not None}
-    per_method: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
-    history = {n: int(r.metrics.get("history_len", 0)) for n, r in ok.items()}
-    for n, r in ok.items():
-        for method, stats in r.methods().items():
-            per_method[method][n] = stats
-    cohort_of = cohort_labels(history)
-    methods = {}
-    for method, by_node in per_method.items():
-        stats = {n: {k: v for k, v in s.items() if k not in COST_KEYS} for n, s in by_node.items()}
-        cohorts: dict[str, list[dict]] = defaultdict(list)
-        for n, s in stats.items():
-            cohorts[cohort_of[n]].append(s)
-        costs = {k: [s[k] for s in by_node.values() if k in s] for k in COST_KEYS}
-        pooled = add_stats(stats.values())
-        methods[method] = {
-            "metrics": metrics_from_stats(task, pooled),
-            "parse_rate": parse_rate(pooled),
-            "per_user": {str(n): metrics_from_stats(task, s) for n, s in stats.items()},
-            "cohorts": {c: metrics_from_stats(task, add_stats(v)) for c, v in sorted(cohorts.items())},
-            "train_seconds_per_user": statistics.fmean(costs["train_s"]) if costs["train_s"] else 0.0,
-            "eval_seconds_per_user": statistics.fmean(costs["eval_s"]) if costs["eval_s"] else 0.0,
-            "trainable_parameters_per_user": max(costs["trainable_params"], default=0),
-            "train_tokens_per_user": statistics.fmean(costs["train_tokens"])
-            if costs["train_tokens"]
-            else 0.0,
-            "users": len(stats),
+    """Without secure aggregation: every device's own statistics reached the server."""
+    per_device = {str(n): r.metrics for n, r in replies.items() if r.metrics is not None}
+    return method_tables(split.task, add_stats(per_device.values()), max(len(per_device), 1), per_device)
+
+
+def aggregate_sums(split: FederationSplit, release: SecureRelease, device_outputs: str) -> dict:
+    """With secure aggregation: the sums; per-user tables only in simulation (`device_outputs`), from the
+    virtual devices' own files of exactly the devices in the sum."""
+    if release.sums is None:
+        return {"methods": {}, "history_len": {}}
+    local = {}
+    for node in release.sums.nodes if device_outputs else ():
+        path = device_stats_path(device_outputs, node)
+        if path.is_file():
+            local[str(node)] = json.loads(path.read_text())
+    pooled = {k: v for k, v in release.sums.sums.items() if k != DEVICES_KEY}
+    return method_tables(split.task, pooled, len(release.sums.nodes), local)
+
+
+def secure_summary(release: SecureRelease, device_outputs: str) -> dict:
+    """What results.json says about the secure sum: who is in it, the layout, DP, and where tables come from."""
+    sums = release.sums
+    if sums is None:
+        return {
+            "released": False,
+            "reason": f"fewer than min-devices={release.plan.min_devices} devices completed the secure sum "
+            f"({len(release.ready)} were ready): the server unmasked nothing",
+            "ready": len(release.ready),
         }
-    return {"methods": methods, "history_len": {str(n): h for n, h in history.items()}}
+    totals = {k: sums.sums[k] for k in ("history_len", "queries", "device_total_s") if k in sums.sums}
+    return {
+        "released": True,
+        **release.plan.describe(len(sums.nodes)),
+        "nodes": [str(n) for n in sums.nodes],
+        "device_totals": totals,
+        "sums": sums.sums,  # everything the server learned about the devices' statistics
+        "tables": LOCAL_TABLES if device_outputs else NO_TABLES,
+    }
 
 
 def write_results(
@@ -93,10 +143,16 @@ def write_results(
     replies: dict[int, DeviceReply],
     timings: dict[str, float],
     base_hash: str,
+    release: SecureRelease | None = None,
 ) -> Path:
-    agg = aggregate(split, replies)
+    """results.json; `release`: the secure-sum phase (None: the run sent statistics in the clear)."""
+    if release is None:
+        agg, counted = aggregate(split, replies), {n for n, r in replies.items() if r.metrics is not None}
+    else:
+        agg = aggregate_sums(split, release, settings.device_outputs)
+        counted = set(release.sums.nodes if release.sums else ())
     device_s = timings.get("device_phase_s", 0.0)
-    answered = sum(r.metrics is not None for r in replies.values())
+    answered = len(counted)
     results = {
         "answered": f"{answered} of {len(split.device_users)} devices answered",
         "task": split.task.name,
@@ -107,13 +163,10 @@ def write_results(
             "devices_connected": len(replies),
             "devices_answered": answered,
         },
-        "failed": {
-            str(n): r.error or "no reply: reply-timeout-s passed without any device replying"
-            for n, r in replies.items()
-            if r.metrics is None
-        },
+        "failed": {str(n): _failure(r, release) for n, r in replies.items() if n not in counted},
         "methods": agg["methods"],
         "history_len": agg["history_len"],
+        "secure_aggregation": None if release is None else secure_summary(release, settings.device_outputs),
         "server": {name: m.metrics for name, m in models.items()},
         "costs": method_costs(agg["methods"], models),
         "config": _jsonable(settings),
@@ -130,6 +183,16 @@ def write_results(
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+
+
+def _failure(reply: DeviceReply, release: SecureRelease | None) -> str:
+    if reply.error:
+        return reply.error
+    if reply.ready and release is not None:
+        if release.sums is None:
+            return "finished the user stage; no secure sum was released (fewer than min-devices completed it)"
+        return "finished the user stage but dropped out of the secure sum (SecAgg+)"
+    return "no reply: reply-timeout-s passed without any device replying"
 
 
 def _precision(settings: RunSettings) -> dict:

@@ -221,7 +221,12 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
         f"- server stages: {t['server_stages_s']:.0f} s; device phase: {t['device_phase_s']:.0f} s "
         f"({t['device_users_per_hour']:.0f} device users per hour on this machine); whole simulation: "
         f"{t.get('simulation_wall_s', t['total_s']):.0f} s",
-        f"- bytes per device: {sent / 1e6:.2f} MB sent to it, {recv / 1e3:.1f} kB received from it (metrics only)",
+        f"- bytes per device: {sent / 1e6:.2f} MB sent to it, {recv / 1e3:.1f} kB received from it "
+        + (
+            "(the SecAgg+ round: keys, shares, one masked vector)"
+            if results.get("secure_aggregation")
+            else "(metrics only)"
+        ),
         *(
             [
                 f"- precision: {prec.get('dtype')} (requested {prec.get('requested')!r}) on {prec.get('hardware')}, "
@@ -242,6 +247,45 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
             else []
         ),
     ]
+    lines += privacy_section(results)
     if plots:
         lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def privacy_section(results: dict) -> list[str]:
+    """What the server learned: sums under SecAgg+ (or each device's statistics), and the DP accounting."""
+    secure = results.get("secure_aggregation")
+    if secure is None:
+        return [
+            "## Privacy",
+            "",
+            "- secure aggregation off: each device's statistics reached the server.",
+            "",
+        ]
+    if not secure.get("released"):
+        return ["## Privacy", "", f"- secure aggregation: nothing released ({secure.get('reason')}).", ""]
+    layout = secure["layout"]
+    lines = [
+        "## Privacy",
+        "",
+        f"- secure aggregation (SecAgg+): the server learned only the sums over {secure['devices_summed']} "
+        f"devices (at least min-devices = {secure['min_devices']}), one vector of {layout['integers_per_device']} "
+        f"integers per device; counts summed at resolution {layout['resolution']['counts']:g}, score sums "
+        f"{layout['resolution']['score_sums']:g}, seconds {layout['resolution']['seconds']:g}.",
+        f"- per-user and per-cohort tables: {secure['tables']}.",
+    ]
+    dp = secure.get("dp")
+    if dp is None:
+        return [*lines, "- differential privacy: off (dp-epsilon = 0): the sums are exact.", ""]
+    noise = ", ".join(f"{k} {v:.3g}" for k, v in dp["noise_std"].items())
+    return [
+        *lines,
+        f"- differential privacy: ({dp['epsilon']:g}, {dp['delta']:g})-DP for {dp['adjacency']}; "
+        f"{dp['mechanism']}; L2 sensitivity {dp['l2_sensitivity_units']:.3g} units, sigma "
+        f"{dp['sigma_units']:.3g} units, each device adds sigma / sqrt({dp['devices_assumed']}); "
+        f"one release per run; bounds {dp['bounds']}.",
+        f"- noise standard deviation in the sums over {dp['devices_summed']} devices: {noise}.",
+        f"- not covered: {dp['not_covered']}; caveats: {dp['caveats']}.",
+        "",
+    ]

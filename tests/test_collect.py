@@ -3,16 +3,18 @@
 import time
 from types import SimpleNamespace
 
+from server.audit import AuditedGrid
 from server.progress import Progress
 from server.server_app import collect
 
 
 def _msg(i):
-    return SimpleNamespace(metadata=SimpleNamespace(message_id=f"m{i}", dst_node_id=i, src_node_id=0))
+    meta = SimpleNamespace(message_id=f"m{i}", dst_node_id=i, src_node_id=0, message_type="train.user")
+    return SimpleNamespace(metadata=meta)
 
 
 def _reply(i):
-    meta = SimpleNamespace(reply_to_message_id=f"m{i}", src_node_id=i)
+    meta = SimpleNamespace(reply_to_message_id=f"m{i}", src_node_id=i, message_type="train.user")
     return SimpleNamespace(metadata=meta, has_error=lambda: False)
 
 
@@ -37,7 +39,7 @@ def test_devices_that_answer_one_after_another_are_not_cut_off_and_a_silent_one_
     due = [0.0, 0.9, 1.8, 2.7, None]  # the whole queue takes longer than the timeout
     messages = [_msg(i) for i in range(len(due))]
     start = time.monotonic()
-    got = list(collect(QueueGrid(due), messages, timeout_s=1.2, progress=Progress(tmp_path)))
+    got = list(collect(AuditedGrid(QueueGrid(due)), messages, timeout_s=1.2, progress=Progress(tmp_path)))
     waited = time.monotonic() - start
     assert sorted(r.metadata.src_node_id for r in got) == [0, 1, 2, 3]
     assert waited < 2.7 + 1.2 + 1.0  # gave up on the silent device about timeout_s after the last reply

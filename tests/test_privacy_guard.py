@@ -35,6 +35,8 @@ def _incoming(content: RecordDict | None = None) -> Message:
 
 def _ctx(task: str = "LaMP-2", scoring: str = "generate", node: dict | None = None) -> Context:
     run = {"data": "/nowhere/lamp", "task": task, "methods": ",".join(METHODS), "scoring": scoring}
+    # The clear path (secure runs: test_secure_aggregation_lets_out_only_done).
+    run["secure-aggregation"] = False
     return Context(
         run_id=1, node_id=1, node_config=node or {"partition-id": 0}, state=RecordDict(), run_config=run
     )
@@ -197,3 +199,27 @@ def test_the_schema_comes_from_the_devices_task_file_without_its_users(tmp_path)
     ctx = _ctx(task="", node={"data-path": str(path)})
     assert not _through_guard(_metrics(reply), ctx).has_error()
     assert _blocked(_through_guard(_metrics({**reply, "proper.tp.15": 1}), ctx))
+
+
+def test_secure_aggregation_lets_out_only_done(monkeypatch):
+    """With secure aggregation (the default) the user stage's reply is empty: the statistics, checked against
+    the same schema, wait in the node state for SecAgg+. Statistics sent in the clear are blocked."""
+    import client.client_app as client_app
+
+    ctx = _ctx(task="LaMP-2")
+    ctx.run_config["secure-aggregation"] = True
+    reply = device_reply(get_task("LaMP-2"), methods=METHODS)
+    assert _blocked(_through_guard(_metrics(reply), ctx))  # clear metrics may not leave in a secure run
+
+    monkeypatch.setattr(client_app, "_personalize", lambda msg, context: dict(reply))
+    out = client_app.app._registered_funcs["train.user"](_incoming(), ctx)
+    assert not out.has_error() and len(out.content) == 0
+    assert ctx.state["proper-fed.secure-sum"]["limbs"].numpy().max() < 2**16
+
+    fresh = _ctx(task="LaMP-2")
+    fresh.run_config["secure-aggregation"] = True
+    monkeypatch.setattr(
+        client_app, "_personalize", lambda msg, context: {**reply, f"proper.tp.{CANARY}": 1.0}
+    )
+    out = client_app.app._registered_funcs["train.user"](_incoming(), fresh)
+    assert _blocked(out) and "proper-fed.secure-sum" not in fresh.state

@@ -51,8 +51,8 @@ def test_round_trip_load_flatten_write_load(tmp_path):
 def test_paths_are_made_absolute_and_names_pass_through(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "spec.toml").write_text("")
-    flat, settings = resolve({"data": "synthetic", "task": "spec.toml"}, {"out": "run", "min-nodes": 2})
-    assert flat["out"] == str(tmp_path / "run") and flat["data"] == "synthetic" and settings.min_nodes == 2
+    flat, settings = resolve({"data": "synthetic", "task": "spec.toml"}, {"out": "run", "min-nodes": 4})
+    assert flat["out"] == str(tmp_path / "run") and flat["data"] == "synthetic" and settings.min_nodes == 4
     assert flat["task"] == str(tmp_path / "spec.toml")
     flat, _ = resolve({"task": "LaMP-2", "state-dir": "s"}, {"backbone.model": None})
     assert flat["task"] == "LaMP-2" and flat["state-dir"] == str(tmp_path / "s")

@@ -27,6 +27,13 @@ BUILTIN_DATA = "synthetic"
 DEVICE_NODES_DIR = "_nodes"
 
 
+def device_stats_path(device_outputs: str | os.PathLike[str], node_id: int | str) -> Path:
+    """Simulation only: where a virtual device keeps its own statistics (`_nodes/stats/<node id>.json`), from
+    which the simulation's per-user and per-cohort tables are computed (the server receives only sums). In a
+    folder of its own under `_nodes`, where nothing that reads the partition notes looks."""
+    return Path(device_outputs) / DEVICE_NODES_DIR / "stats" / f"{node_id}.json"
+
+
 def _csv(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(str(v).strip() for v in value if str(v).strip())
@@ -46,7 +53,11 @@ class RunSettings:
     playing the devices.
     `scoring`: scoring protocols, each applied to every method ("generate": greedy answer, parsed, as LaMP;
     "rank": the label with the highest log-likelihood, classification and rating tasks only); the first is
-    reported as `<method>`, the others as `<method>@<protocol>`."""
+    reported as `<method>`, the others as `<method>@<protocol>`.
+    `secure_aggregation`: devices send their statistics through SecAgg+ and the server learns only their sums
+    over at least `min_devices` devices (`federation/secure_sum.py`); off, each device's statistics reach the
+    server in the clear. `dp_epsilon` > 0 adds Gaussian noise to those sums, (`dp_epsilon`, `dp_delta`)-DP for
+    devices with at most `dp_max_queries` queries and `dp_max_history` history items (`federation/dp.py`)."""
 
     data: str = BUILTIN_DATA
     task: str = ""
@@ -61,13 +72,19 @@ class RunSettings:
     state_dir: str = ""
     server_key: str = ""
     server_public_key: str = ""
-    min_nodes: int = 1
+    min_nodes: int = 3
     node_wait_s: float = 120.0
     device_quantization: str = "nf4"
     reply_timeout_s: float = 3600.0
     device_outputs: str = ""
     server_threads: int = 0
     server_devices: int = 1
+    secure_aggregation: bool = True
+    min_devices: int = 3
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_queries: int = 20
+    dp_max_history: int = 200
     validation: bool = False
     proper: ProperConfig = field(default_factory=ProperConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -100,6 +117,44 @@ class RunSettings:
             "device-quantization",
             self.device_quantization,
             "use 'nf4' (4-bit bitsandbytes, the on-device default) or 'none'",
+        )
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        from proper_fed.federation.dp import MAX_EPSILON
+        from proper_fed.federation.secure_sum import MAX_DEVICES
+
+        _need(
+            isinstance(self.secure_aggregation, bool),
+            "secure-aggregation",
+            self.secure_aggregation,
+            "use true or false",
+        )
+        _need(
+            0 <= self.dp_epsilon <= MAX_EPSILON and (self.dp_epsilon == 0 or self.secure_aggregation),
+            "dp-epsilon",
+            self.dp_epsilon,
+            f"use 0 (no noise) or an epsilon in (0, {MAX_EPSILON:g}]; DP needs secure-aggregation = true",
+        )
+        _need(0 < self.dp_delta < 1, "dp-delta", self.dp_delta, "use a delta in (0, 1), e.g. 1e-5")
+        for name in ("dp_max_queries", "dp_max_history"):
+            value = getattr(self, name)
+            _need(isinstance(value, int) and value >= 1, name.replace("_", "-"), value, "use a count >= 1")
+        if not self.secure_aggregation:
+            return
+        _need(
+            isinstance(self.min_devices, int) and 2 <= self.min_devices <= MAX_DEVICES,
+            "min-devices",
+            self.min_devices,
+            f"a secure sum covers at least 2 devices and at most {MAX_DEVICES}",
+        )
+        _need(
+            self.min_nodes >= self.min_devices,
+            "min-nodes",
+            self.min_nodes,
+            f"secure aggregation sums over at least min-devices={self.min_devices} devices, so the run needs "
+            "that many (in a simulation, min-nodes is the number of device users); use more devices, a lower "
+            "min-devices, or secure-aggregation = false",
         )
 
     @property

@@ -8,7 +8,11 @@ What travels (Flower's Message API; the server and client apps wrap these names 
                                    RUN {task, label-ranking?},
                                    BASE_ARRAYS, BASE_FILES, BASE_META {hash, dtypes}  only to a device
                                    that lacks the base
-                 device -> server  METRICS (numbers only: the run's reply schema, reply_schema.py)
+                 device -> server  nothing but "done" with secure aggregation (the statistics wait on the
+                                   device for the secure sum); without it, METRICS (numbers only: the run's
+                                   reply schema, reply_schema.py)
+    train        Flower's SecAgg+ round (its four stages; secure_sum.py), run by flwr's SecAggPlusWorkflow
+                 and secaggplus_mod: public keys, encrypted key shares, the masked vector, key shares
 
 Tensors travel as numpy arrays plus a JSON dtype table (`encode_tensors` / `decode_tensors`): dtypes numpy
 lacks (bfloat16, float8) go as same-width integer views and come back bit-exact. Tensor groups in the bundle
@@ -43,6 +47,8 @@ class MessageKind:
 
 QUERY_BASE: Final = MessageKind("query", "base")
 TRAIN_USER: Final = MessageKind("train", "user")
+# The type Flower's SecAgg+ workflow gives its messages (MessageType.TRAIN); ClientApp's `@app.train()`.
+SECURE_SUM_TYPE: Final = "train"
 
 # Record names inside a message's RecordDict.
 BASE_PROBE: Final = "base"
