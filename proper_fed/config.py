@@ -149,8 +149,8 @@ class TrainConfig(_FromDict):
     unknown_user_prob: float = 0.1
     grad_checkpointing: bool = False
     progress: bool = True
-    embedding_epochs: int = 1
-    embedding_lr: float = 1e-2
+    embedding_epochs: int = 2
+    embedding_lr: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):

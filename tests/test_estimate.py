@@ -16,13 +16,18 @@ def _settings(**over) -> RunSettings:
 
 
 def test_server_work_is_examples_times_epochs_of_every_server_stage_and_variant():
-    s = _settings(**{"population.epochs": 2, "group.epochs": 3, "variants": "proper_no_constraint"})
+    over = {"population.epochs": 2, "group.epochs": 3, "variants": "proper_no_constraint"}
+    s = _settings(**over, methods="population,proper")
     split = load_split(s)
     work = count_work(s, split, lambda ex, _: [LENGTH] * len(ex))
     n = len(server_training_examples(split))
     batches = math.ceil(n / s.proper.population.batch_size) * s.proper.population.batch_size
     # population 2 epochs + group 3 epochs + the variant's own group stage 3 epochs
     assert work.server_tokens == (2 + 3 + 3) * batches * LENGTH
+    # the matched baselines' server model: one LoRA trained for both stages' epochs (2 + 3)
+    matched = _settings(**over, methods="population,population_matched,oppu_matched,proper")
+    work = count_work(matched, split, lambda ex, _: [LENGTH] * len(ex))
+    assert work.server_tokens == (2 + 3 + 3 + (2 + 3)) * batches * LENGTH
 
 
 def test_device_work_counts_each_method_that_trains_a_user_stage():
