@@ -25,7 +25,7 @@ from server.secure_metrics import SecureRelease
 
 LOCAL_TABLES = (
     "simulation only: per-user and per-cohort tables computed from the virtual devices' own statistics on the "
-    "simulation's disk (device_outputs/_nodes/stats), never sent to the server"
+    "simulation's disk (device_outputs/_nodes/stats), never sent to the server, without any DP noise"
 )
 NO_TABLES = "none: with secure aggregation the server learns only sums over devices"
 

@@ -2,9 +2,13 @@
 (certificates from `proper-fed certs create`, keys from `proper-fed client enroll --no-start`, admitted with
 `proper-fed server register-client`), three real SuperNodes, the tiny model, the full three-phase flow.
 
-One device is SIGKILLed while its user stage runs: the others finish and results.json names it; restarted on
-the same store, it resumes from its encrypted checkpoint in the next run. Every reply that reached the
-server is recorded (PROPER_FED_RECORD_REPLIES) and checked: metrics only, no text of any device user.
+One device is SIGKILLed while its user stage runs: the others finish, their statistics are summed through
+SecAgg+ and results.json names the lost one; restarted on the same store, it resumes from its encrypted
+checkpoint in the next run. A third run follows with one user's data changed. Every reply that reached the
+server is recorded (PROPER_FED_RECORD_REPLIES) and audited without exemptions: apart from the SecAgg+
+protocol's random material (keys, encrypted shares, masked vectors: checked for their size, and the vectors
+for not being in the clear), everything the server received is the same for every device and the same
+whether or not that user's data changed; only the sums moved.
 The fast tests at the end cover the same guarantees at the library level (tampered bundle, resume, config).
 """
 
@@ -38,7 +42,12 @@ RUN_ARGS = [
     "--set", "population.max-length=48", "--set", "group.max-length=48", "--set", "user.max-length=48",
     "--set", "population.lr=0.005", "--set", "group.lr=0.005", "--set", "user.lr=0.005",
     "--set", "user.batch-size=2", "--set", "device-quantization=nf4",
+    "--set", "min-devices=2",  # the first run sums the two devices that survive the kill
 ]  # fmt: skip
+# What SecAgg+ makes fresh in every run (random keys, their encryptions, the masked vector): the audit compares
+# their sizes only. Node-id lists are the protocol's public bookkeeping: compared as sets.
+RANDOM_KEYS = {"pk1", "pk2", "ctxts", "masked_params", "shares"}
+NODE_LISTS = {"dsts", "nids"}
 
 
 def cli(args: list[str], env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,6 +101,20 @@ def user_texts(user) -> list[str]:
     texts = [str(v) for item in user.profile for v in item.fields.values() if len(str(v)) > 8]
     texts += [q.input for q in user.queries] + [user.user_id]
     return texts
+
+
+def drop_one_history_item(folder: Path) -> None:
+    """Change a device user's data: the last item of its history is gone from every question's profile."""
+    questions = json.loads((folder / "questions.json").read_text())
+    last = questions[0]["profile"][-1]["id"]
+    for q in questions:
+        q["profile"] = [p for p in q["profile"] if p["id"] != last]
+    (folder / "questions.json").write_text(json.dumps(questions))
+
+
+def recorded(root: Path) -> list[dict]:
+    path = root / "replies.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def watch_and_kill(store: Path, proc: subprocess.Popen, done: dict) -> None:
@@ -164,7 +187,7 @@ def fed(tmp_path_factory):
         watcher.join(timeout=5)
         ns.killed = "killed_at" in killer
         ns.results1 = json.loads((root / "run" / "results.json").read_text())
-        ns.replies1 = [json.loads(line) for line in (root / "replies.jsonl").read_text().splitlines()]
+        ns.replies1 = recorded(root)
         ns.pfb_after_kill = sorted(p.name for p in (ns.stores["C"] / "checkpoints").glob("*.pfb"))
         ns.checkpoint_epoch = checkpoint_epoch(ns.stores["C"], ns.stores["A"], ns.users["C"].user_id)
 
@@ -174,6 +197,16 @@ def fed(tmp_path_factory):
         ns.run2 = cli(["server", "run", "--out", "run2", "--state-dir", "run/server", "--data", str(all_dir),
                        *RUN_ARGS], env, timeout=600)  # fmt: skip
         ns.results2 = json.loads((root / "run2" / "results.json").read_text())
+        ns.replies2 = recorded(root)[len(ns.replies1) :]
+
+        # The same federation again, with one user's history one item shorter.
+        ns.history_before = len(load_dataset(root / "data" / "A").users[0].profile)
+        drop_one_history_item(root / "data" / "A")
+        ns.history_after = len(load_dataset(root / "data" / "A").users[0].profile)
+        cli(["server", "run", "--out", "run3", "--state-dir", "run/server", "--data", str(all_dir), *RUN_ARGS],
+            env, timeout=600)  # fmt: skip
+        ns.results3 = json.loads((root / "run3" / "results.json").read_text())
+        ns.replies3 = recorded(root)[len(ns.replies1) + len(ns.replies2) :]
         ns.total_s = time.monotonic() - t0
         yield ns
     finally:
@@ -199,81 +232,139 @@ def checkpoint_epoch(store: Path, kept_bundle_store: Path, user_id: str) -> int 
 
 
 @pytest.mark.slow
-def test_tls_node_auth_run_personalizes_every_live_device(fed):
+def test_tls_node_auth_run_sums_the_statistics_of_every_live_device(fed):
     assert "TLS, node authentication" in fed.start_output
     res = fed.results1
     assert res["users"]["devices_connected"] == 3 and res["users"]["devices_answered"] == 2
-    for name in ("A", "B"):
-        node = str(fed.nodes[name])
-        for method in ("zero_shot", "oppu", "proper"):
-            assert node in res["methods"][method]["per_user"], (name, method)
-        assert res["history_len"][node] == len(fed.users[name].profile)
+    secure, live = res["secure_aggregation"], ("A", "B")
+    assert secure["released"] and secure["devices_summed"] == 2
+    assert secure["nodes"] == sorted(str(fed.nodes[n]) for n in live)
+    # Exact sums through real SecAgg+ over TLS; the test knows these totals from the users' data.
+    queries = sum(len([q for q in fed.users[n].queries if q.gold is not None]) for n in live)
+    assert secure["sums"]["history_len"] == sum(len(fed.users[n].profile) for n in live)
+    assert secure["sums"]["queries"] == queries and secure["sums"]["devices"] == 2
+    for method in ("zero_shot", "oppu", "proper"):
+        m = res["methods"][method]
+        assert secure["sums"][f"{method}.n"] == queries and 0 <= m["metrics"]["accuracy"] <= 1
+        assert m["users"] == 2 and m["per_user"] == {} and m["cohorts"] == {}  # the server learns sums only
+    assert res["history_len"] == {} and "only sums" in secure["tables"]
 
 
 @pytest.mark.slow
 def test_bytes_are_accounted_per_device(fed):
     per = fed.results1["bytes"]["per_device"]
-    recorded = {
-        (r["node"], r["type"]): len(base64.b64decode(r["content"])) for r in fed.replies1 if r["content"]
-    }
+    received: dict = {}
+    for r in fed.replies1:
+        key = (r["node"], r["type"])
+        received[key] = received.get(key, 0) + len(base64.b64decode(r["content"]))
     for name in ("A", "B"):
         node = fed.nodes[name]
         phases = per[str(node)]
         assert phases["query_base"]["sent"] > 0 and phases["query_base"]["received"] > 0
+        assert phases["query_base"]["received"] == received[(node, "query.base")]
         assert phases["train_user"]["sent"] > 10_000  # the signed bundle
-        assert 0 < phases["train_user"]["received"] < 20_000  # numbers only
-        assert phases["train_user"]["received"] == recorded[(node, "train.user")]
-        assert phases["query_base"]["received"] == recorded[(node, "query.base")]
+        assert phases["train_user"]["received"] == received[(node, "train.user")] == 0  # "done"
+        assert 0 < phases["secure_sum"]["received"] < 50_000  # keys, shares, one masked vector
+        assert phases["secure_sum"]["received"] == received[(node, "train")]
 
 
-def run_schema(fed):
-    """The reply schema of the test's run, from public facts only: its methods and the task's label set."""
-    from proper_fed.data.task_spec import load_task_spec
-    from proper_fed.federation.reply_schema import run_reply_schema
-    from proper_fed.federation.run_settings import RunSettings
-
-    methods = next(a.split("=", 1)[1] for a in RUN_ARGS if a.startswith("methods=")).split(",")
-    task = load_task_spec(fed.root / "data" / "all" / "task.toml")
-    return task, run_reply_schema(RunSettings(methods=tuple(methods)), task)
-
-
-@pytest.mark.slow
-def test_only_metrics_and_no_user_text_reached_the_server(fed):
-    from flwr.app import MetricRecord
+def _decoded(reply: dict):
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+    raw = base64.b64decode(reply["content"])
+    return raw, recorddict_from_proto(ProtoRecordDict.FromString(raw))
+
+
+def _protocol_violation(reply: dict, content) -> str | None:
+    """What the server may receive, by message type: the base probe's answer, "done" from the user stage,
+    and SecAgg+'s own records; None if the reply is one of those."""
+    from flwr.app import ConfigRecord, MetricRecord
+    from flwr.common import bytes_to_ndarray
+
+    kind = reply["type"]
+    if kind == "query.base":
+        ok = set(content) == {"base"} and isinstance(content["base"], MetricRecord)
+        return None if ok and dict(content["base"]) in ({"has-base": 0}, {"has-base": 1}) else "base probe"
+    if kind == "train.user":
+        return None if len(content) == 0 else "the user stage sent records"
+    if kind != "train":
+        return f"a reply of type {kind}"
+    fitres = {"fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
+    config = content.get("secaggplus_configs")
+    if not isinstance(config, ConfigRecord) or not set(content) - {"secaggplus_configs"} <= fitres:
+        return "SecAgg+ reply records"
+    if not set(config) <= RANDOM_KEYS | NODE_LISTS:
+        return f"SecAgg+ keys {sorted(config)}"
+    if "masked_params" in config:
+        if set(content) != {"secaggplus_configs", *fitres} or dict(content["fitres.num_examples"]) != {
+            "num_examples": 1
+        }:
+            return "a masked-vector reply with more than the vector"
+        if len(content["fitres.metrics"]) or len(content["fitres.parameters"]):
+            return "metrics or arrays beside the masked vector"
+        vector = bytes_to_ndarray(config["masked_params"][1])
+        if (vector >= 2**16).mean() < 0.99:  # in the clear every integer is a 16-bit limb
+            return "a vector that is not masked"
+    return None
+
+
+def _skeleton(reply: dict, content, names: dict[int, str], by_name: bool) -> tuple:
+    """A reply with SecAgg+'s fresh random material reduced to its size, node ids to device names (or, to
+    compare devices with one another, node-id lists to their length)."""
+    records = []
+    for rname, record in sorted(content.items()):
+        items = []
+        for key, value in sorted(record.items()):
+            if key in RANDOM_KEYS:
+                value = ("random", [len(v) for v in value] if isinstance(value, list) else len(value))
+            elif key in NODE_LISTS:
+                value = sorted(names.get(v, "?") for v in value) if by_name else len(value)
+            items.append((key, repr(value)))
+        records.append((rname, type(record).__name__, tuple(items)))
+    return (reply["type"], reply["error"], tuple(records))
+
+
+@pytest.mark.slow
+def test_audit_nothing_but_the_sums_depends_on_a_users_data(fed):
+    """No exemptions: every reply of the three runs is a base-probe answer, an empty "done", a fixed error,
+    or SecAgg+'s own records (the vector masked); no text of any user appears; within a run every device sent
+    the same (apart from SecAgg+'s random material); and run 3, where A's history lost an item, sent exactly
+    what run 2 sent: only the sums the server decoded changed, by exactly that item."""
     from proper_fed.errors import ERROR_TABLE
 
-    # Devices, and the SuperLink itself (node 1) answering "Node Unavailable" for the killed one.
-    senders = {r["node"] for r in fed.replies1}
-    assert {fed.nodes["A"], fed.nodes["B"]} <= senders <= {*fed.nodes.values(), 1}
-    secrets = {name: user_texts(u) for name, u in fed.users.items()}
-    task, schema = run_schema(fed)
-    sent_keys = {}
-    for reply in fed.replies1:
-        raw = base64.b64decode(reply["content"])
-        assert set(reply["records"].values()) <= {"MetricRecord"}, reply["records"]
-        if reply["error"] is not None and reply["node"] != 1:
-            assert reply["error"] in ERROR_TABLE.values(), "a device error that is not a fixed message"
-        content = recorddict_from_proto(ProtoRecordDict.FromString(raw))
-        for record in content.values():
-            assert isinstance(record, MetricRecord)
-        for texts in secrets.values():
-            for text in texts:
+    names = {node: name for name, node in fed.nodes.items()}
+    secrets = [t for u in fed.users.values() for t in user_texts(u)]
+    runs = {1: fed.replies1, 2: fed.replies2, 3: fed.replies3}
+    per_device: dict = {}
+    for run, replies in runs.items():
+        assert replies, run
+        for reply in replies:
+            raw, content = _decoded(reply)
+            for text in secrets:
                 assert text.encode() not in raw, f"a device user's text reached the server: {text[:40]!r}"
                 assert text not in (reply["error"] or "")
-        if reply["type"] == "query.base" and raw:
-            assert set(content) == {"base"} and set(content["base"]) == {"has-base"}
-        if reply["type"] == "train.user" and raw:
-            metrics = dict(content["metrics"])
-            assert schema.violation(metrics) is None, schema.violation(metrics)
-            # Per-label statistics are keyed by the label's index: no label name is part of any key.
-            assert not [k for k in metrics for label in task.labels if label in k]
-            # Beyond the per-label counts (sent for the labels that occurred), every device reports the same
-            # statistic names: nothing user-specific is encoded in which keys are sent.
-            sent_keys[reply["node"]] = {k for k in metrics if not re.search(r"\.(tp|fp|fn)\.\d+$", k)}
-    assert len(sent_keys) == 2 and len({frozenset(k) for k in sent_keys.values()}) == 1
+            if reply["error"] is not None:  # the killed device: its SuperLink answers for it, or a fixed text
+                assert reply["sender"] != reply["node"] or reply["error"] in ERROR_TABLE.values(), reply
+                assert run == 1 and names[reply["node"]] == "C", reply
+                continue
+            assert _protocol_violation(reply, content) is None, (_protocol_violation(reply, content), reply)
+            key = (run, names[reply["node"]])
+            per_device.setdefault(key, []).append(
+                (_skeleton(reply, content, names, False), _skeleton(reply, content, names, True))
+            )
+    for run, devices in ((1, "AB"), (2, "ABC"), (3, "ABC")):
+        shapes = {d: sorted(s for s, _ in per_device[(run, d)]) for d in devices}
+        assert all(v == shapes[devices[0]] for v in shapes.values()), f"devices differ in run {run}"
+    for name in "ABC":
+        assert sorted(s for _, s in per_device[(2, name)]) == sorted(s for _, s in per_device[(3, name)]), (
+            name
+        )
+    # What did change: the sums, by exactly the item A's history lost.
+    assert fed.history_after == fed.history_before - 1
+    before, after = fed.results2["secure_aggregation"], fed.results3["secure_aggregation"]
+    assert before["nodes"] == after["nodes"] and len(after["nodes"]) == 3
+    assert after["sums"]["history_len"] == before["sums"]["history_len"] - 1
 
 
 @pytest.mark.slow
@@ -291,7 +382,7 @@ def test_restarted_device_resumes_from_its_encrypted_checkpoint(fed):
     log = fed.logs["C2"].read_text(errors="replace")
     assert "oppu: resuming from its encrypted checkpoint in the store" in log
     res = fed.results2
-    assert not res["failed"] and str(fed.nodes["C"]) in res["methods"]["proper"]["per_user"]
+    assert not res["failed"] and str(fed.nodes["C"]) in res["secure_aggregation"]["nodes"]
     assert not list((fed.stores["C"] / "checkpoints").glob("*.pfb"))  # cleared once the stage finished
     assert (fed.stores["C"] / "bundle" / "manifest.json").is_file()
 
