@@ -24,8 +24,8 @@ from server.method_costs import method_costs
 from server.secure_metrics import SecureRelease
 
 LOCAL_TABLES = (
-    "simulation only: per-user and per-cohort tables computed from the virtual devices' own statistics on the "
-    "simulation's disk (device_outputs/_nodes/stats), never sent to the server, without any DP noise"
+    "simulation only: computed from the virtual devices' own statistics on the simulation's disk "
+    "(device_outputs/_nodes/stats), never sent to the server, without any DP noise"
 )
 NO_TABLES = "none: with secure aggregation the server learns only sums over devices"
 
