@@ -144,9 +144,11 @@ def fit_user_embedding(
     table = model.lora_user_embedding.weight
     table.requires_grad_(True)
     fit = dataclasses.replace(cfg, epochs=cfg.embedding_epochs, lr=cfg.embedding_lr, weight_decay=0.0)
-    return run_stage(
+    r = run_stage(
         model, examples, fit, "embedding", [table], user_rows_fn=_own_rows(model), checkpointer=checkpointer
     )
+    r.trainable_parameters = table.shape[1]  # only the user's own row gets gradients (the unknown row none)
+    return r
 
 
 def train_user(
