@@ -197,15 +197,10 @@ def _missing(results: dict) -> list[str]:
 
 def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
     metric, _ = PRIMARY[results.get("task_type", "classification")]
-    t, b = results["timings"], results["bytes"]
-    per_dev = b["per_device"]
-    sent = sum(p["sent"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
-    recv = sum(p["received"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
     users = results["users"]
     answered = (
         results.get("answered") or f"{users['devices_answered']} of {users['devices']} devices answered"
     )
-    prec = results.get("precision") or {}
     lines = [
         f"# proper-fed simulation: {results['task']}",
         "",
@@ -216,41 +211,41 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
         "",
         *_missing(results),
         *_protocol_sections(results, metric),
+        *(["## Answer spread", "", spread, ""] if (spread := answer_spread(out, results)) else []),
+        *cost_section(results),
+        *privacy_section(results),
+    ]
+    if plots:
+        lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]
+    return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def cost_section(results: dict) -> list[str]:
+    """Time, bytes and precision of the run, and each method's training budget."""
+    t, per_dev = results["timings"], results["bytes"]["per_device"]
+    sent = sum(p["sent"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
+    recv = sum(p["received"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
+    prec = results.get("precision") or {}
+    secure = results.get("secure_aggregation")
+    lines = [
         "## Cost",
         "",
         f"- server stages: {t['server_stages_s']:.0f} s; device phase: {t['device_phase_s']:.0f} s "
         f"({t['device_users_per_hour']:.0f} device users per hour on this machine); whole simulation: "
         f"{t.get('simulation_wall_s', t['total_s']):.0f} s",
         f"- bytes per device: {sent / 1e6:.2f} MB sent to it, {recv / 1e3:.1f} kB received from it "
-        + (
-            "(the SecAgg+ round: keys, shares, one masked vector)"
-            if results.get("secure_aggregation")
-            else "(metrics only)"
-        ),
-        *(
-            [
-                f"- precision: {prec.get('dtype')} (requested {prec.get('requested')!r}) on {prec.get('hardware')}, "
-                f"CPU/GPU flags: {', '.join(prec.get('flags') or []) or 'none'}"
-            ]
-            if prec
-            else []
-        ),
-        "",
-        *(
-            [
-                "Per method (the matched baselines hold server rank and budget equal to PROPER's):",
-                "",
-                cost_table(results),
-                "",
-            ]
-            if results.get("costs")
-            else []
-        ),
+        + ("(the SecAgg+ round: keys, shares, one masked vector)" if secure else "(metrics only)"),
     ]
-    lines += privacy_section(results)
-    if plots:
-        lines += ["## Plots", "", *(f"![{name}]({p.name})" for name, p in plots.items()), ""]
-    return atomic_write_text(out / "report.md", "\n".join(lines))
+    if prec:
+        lines.append(
+            f"- precision: {prec.get('dtype')} (requested {prec.get('requested')!r}) on {prec.get('hardware')}, "
+            f"CPU/GPU flags: {', '.join(prec.get('flags') or []) or 'none'}"
+        )
+    lines.append("")
+    if results.get("costs"):
+        head = "Per method (the matched baselines hold server rank and budget equal to PROPER's):"
+        lines += [head, "", cost_table(results), ""]
+    return lines
 
 
 def privacy_section(results: dict) -> list[str]:
