@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 TRAINING_SEED_KEYS = ("population.seed", "group.seed", "user.seed")
 REFERENCE = "proper"  # the method every other one is tested against, per scoring protocol
+# Pairs that isolate one part of PROPER (tested too, when both ran): groups and routing against a LoRA of the
+# same server rank and budget, the device's own embedding against the unknown-user row, and what the matched
+# server budget alone gives OPPU.
+PART_PAIRS = (
+    ("proper_group", "population_matched"),
+    ("proper_group", "proper_group_unknown"),
+    ("oppu_matched", "oppu"),
+)
 
 
 @dataclass(frozen=True)
@@ -128,17 +136,19 @@ def protocol_groups(results: dict, names: Iterable[str]) -> dict[str, list[str]]
 
 
 def comparisons(methods: dict[str, dict], groups: dict[str, list[str]], higher: bool) -> list[dict]:
-    """`proper` (per protocol) against every other method of its protocol, on the users both have."""
+    """`proper` (per protocol) against every other method of its protocol, then `PART_PAIRS`, on the users
+    both have."""
     rows = []
     for i, (protocol, names) in enumerate(groups.items()):
-        ref = REFERENCE if i == 0 else f"{REFERENCE}@{protocol}"
-        if ref not in names:
-            continue
-        for other in (n for n in names if n != ref):
-            a, b = methods[ref]["per_user"], methods[other]["per_user"]
+        suffix = "" if i == 0 else f"@{protocol}"
+        ref = REFERENCE + suffix
+        pairs = [(ref, other) for other in names if other != ref] if ref in names else []
+        pairs += [(a + suffix, b + suffix) for a, b in PART_PAIRS if {a + suffix, b + suffix} <= set(names)]
+        for one, other in pairs:
+            a, b = methods[one]["per_user"], methods[other]["per_user"]
             users = [u for u in a if u in b]
             c = significance.paired_comparison([a[u] for u in users], [b[u] for u in users], higher)
-            rows.append({"protocol": protocol, "method": ref, "against": other, **_paired(c)})
+            rows.append({"protocol": protocol, "method": one, "against": other, **_paired(c)})
     return rows
 
 

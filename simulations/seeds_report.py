@@ -113,7 +113,9 @@ def write_seeds_report(out: Path, summary: dict) -> Path:
         "",
         *_markdown(*method_rows(summary)),
         "",
-        "## Paired per-user tests of `proper` against each method of the same scoring protocol",
+        "## Paired per-user tests: `proper` against each method of its scoring protocol, then the pairs "
+        "that isolate one part (groups against the matched LoRA, the device's own embedding against the "
+        "unknown-user row, the matched budget under OPPU)",
         "",
         *(
             _markdown(*comparison_rows(summary), bold=7)

@@ -165,3 +165,19 @@ def test_a_seed_with_missing_devices_makes_simulate_exit_non_zero(monkeypatch, t
     assert res.exit_code == 1 and "WARNING: seed 1" in res.output and "--allow-partial" in res.output
     res = CliRunner().invoke(app, ["simulate", "--quick", "--seeds", "0", "1", "--allow-partial"])
     assert res.exit_code == 0, res.output
+
+
+def test_the_pairs_that_isolate_one_part_are_tested_within_each_protocol(tmp_path):
+    scores = {
+        "proper": {0: 1.0, 1: 1.0, 2: 1.0},
+        "proper_group": {0: 0.9, 1: 0.8, 2: 0.7},
+        "population_matched": {0: 0.1, 1: 0.2, 2: 0.3},
+        "proper_group@rank": {0: 0.9, 1: 0.8, 2: 0.7},
+        "population_matched@rank": {0: 0.1, 1: 0.2, 2: 0.3},
+    }
+    s0 = _seed_run(tmp_path, 0, {"1": 0, "2": 1, "3": 2}, scores)
+    rows = {(c["protocol"], c["method"], c["against"]): c for c in aggregate({0: s0}, USERS)["comparisons"]}
+    part = rows[("generate", "proper_group", "population_matched")]
+    assert part["wins"] == 3 and part["mean_difference"] == pytest.approx(0.6)
+    assert ("rank", "proper_group@rank", "population_matched@rank") in rows  # no proper@rank: only the pair
+    assert not any(k[2] == "proper_group_unknown" for k in rows)  # a pair with a method that did not run
