@@ -17,7 +17,7 @@ from test_secure_sum import LoopbackGrid, _task_identity  # noqa: F401 (the fixt
 
 from proper_fed.errors import ConfigError
 from proper_fed.federation.run_settings import RunSettings
-from proper_fed.federation.shared_vector import RESOLUTION, fedavg_direct
+from proper_fed.federation.shared_vector import RESOLUTION, SharedLayout, fedavg_direct
 from proper_fed.methods import PROPER
 from proper_fed.model.proper_model import ProperModel
 from proper_fed.train import stages
@@ -136,10 +136,49 @@ def test_one_round_equals_fedavg_of_the_local_updates_computed_directly(monkeypa
     assert got.metrics["group.devices_last_round"] == 3 and got.metrics["group.examples_last_round"] == 12
 
 
+def test_a_device_that_drops_out_of_a_round_is_left_out_of_fedavg(monkeypatch, tiny_backbone):
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from server.federated_stages import federated_round
+
+    settings, contexts, server, histories, base = _federation(monkeypatch, 4, per_user=3)
+    gone = 103
+    grid = LoopbackGrid(
+        contexts, drop=lambda node, stage: node == gone and stage == Stage.COLLECT_MASKED_VECTORS
+    )
+    init = ProperModel(tiny_backbone, settings.proper.adapters, seed=settings.proper.population.seed)
+    start = {s: shared_tensors(init, s) for s in FEDERATED_STAGES}
+    init.remove()
+    layouts = {s: SharedLayout.of(t) for s, t in start.items()}
+    got, avg = federated_round(
+        grid, server, sorted(contexts), "population", 0, start, layouts, base, settings
+    )
+    assert avg.devices == 3 and avg.weight == 9
+    device, updates = _device_backbone(settings), []
+    for node in sorted(contexts):
+        if node == gone:
+            continue
+        user = histories[node - 101]
+        model = ProperModel(device, settings.proper.adapters, seed=settings.proper.population.seed)
+        cfg = local_config(settings.proper.population, "population", 1, 0)
+        updates.append(
+            (
+                train_local_stage(
+                    model, "population", user[0].user_id, user, cfg, start["population"]
+                ).shared,
+                3,
+            )
+        )
+        model.remove()
+    want = fedavg_direct(start["population"], updates)
+    for k in want:
+        assert (got[k].double() - want[k].double()).abs().max() <= RESOLUTION / 2 + 1e-6, k
+
+
 def test_user_embedding_rows_never_leave_the_device(monkeypatch, tiny_backbone):
     from client import federated_stages as device_side
 
-    # two local steps: the own row moves from the second (the router's W_e starts at zero)
+    # two local steps: the experts' B start at zero, so routing (and the own row) get no gradient in the first
     settings, contexts, server, _, base = _federation(
         monkeypatch, 3, {"federated-local-epochs": 2}, per_user=4
     )
