@@ -271,3 +271,29 @@ def test_federated_settings_are_validated():
     with pytest.raises(ConfigError, match="federated-group-rounds"):
         RunSettings.from_run_config({"federated-group-rounds": 0})
     assert dataclasses.replace(RunSettings(), server_data="federated").server_data == "federated"
+
+
+def test_the_server_phase_trains_federated_and_ships_the_result_in_a_signed_bundle(
+    monkeypatch, tiny_backbone, tmp_path
+):
+    """The ServerApp's phase 1 with server-data = federated: the devices' rounds, each device's bytes of
+    them counted apart from the later secure sum, and a bundle a device loads as from central stages."""
+    from client.device import server_model
+    from server.audit import AuditedGrid
+    from server.progress import Progress
+    from server.server_app import server_stages, sign_bundle
+
+    settings, contexts, server, _, _ = _federation(monkeypatch, 3, {"out": str(tmp_path / "run")}, per_user=3)
+    grid = AuditedGrid(LoopbackGrid(contexts), "", accounted=("train",))
+    models, nodes, moved = server_stages(grid, server, settings, Progress(settings.out))
+    assert list(models) == [PROPER] and nodes == sorted(contexts)
+    assert set(moved) == set(contexts) and all(c["sent"] > 0 and c["received"] > 0 for c in moved.values())
+    assert dict(grid.bytes) == {}  # the statistics' secure sum starts its own count
+    bundle = sign_bundle(settings, models)
+    device = server_model(_device_backbone(settings), bundle, PROPER)
+    try:
+        for scope, shipped in (("population", models[PROPER].population), ("group", models[PROPER].group)):
+            for name, t in shipped.items():
+                assert torch.equal(device.scope_parameters(scope)[name].detach().cpu(), t), name
+    finally:
+        device.remove()
