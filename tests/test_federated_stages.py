@@ -261,6 +261,15 @@ def test_fewer_consenting_devices_than_min_devices_refuse_to_start(monkeypatch, 
     assert all("proper-fed.own-row" not in c.state for c in contexts.values())
 
 
+def test_the_report_says_who_trained_stages_1_and_2():
+    from simulations.report import _stages_1_2
+
+    users = {"server": 20, "devices": 20}
+    assert _stages_1_2({"users": users, "server_data": "central"}) == "20 server users (stages 1-2)"
+    assert "federated on the consenting devices" in _stages_1_2({"users": users, "server_data": "federated"})
+    assert _stages_1_2({"users": users}) == "20 server users (stages 1-2)"  # results written before the key
+
+
 def test_federated_settings_are_validated():
     with pytest.raises(ConfigError, match="server-data"):
         RunSettings.from_run_config({"server-data": "elsewhere"})
