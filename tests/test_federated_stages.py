@@ -261,6 +261,21 @@ def test_fewer_consenting_devices_than_min_devices_refuse_to_start(monkeypatch, 
     assert all("proper-fed.own-row" not in c.state for c in contexts.values())
 
 
+def test_an_enrolled_device_can_opt_out_of_federated_stages():
+    from client.enroll import Enrollment
+    from client.federated_stages import consents
+
+    keys = dict(store="/s", data="/d", user_id="u", superlink="h:1", private_key="k", public_key="k.pub")
+    yes = Enrollment(**keys, server_key="/p", insecure=True)
+    no = dataclasses.replace(yes, federated_training=False)
+    assert "federated-training" not in yes.node_config()
+    assert "federated-training='false'" in no.node_config()
+    assert (
+        consents({}) and consents({"federated-training": "true"}) and consents({"federated-training": True})
+    )
+    assert not consents({"federated-training": "false"}) and not consents({"federated-training": False})
+
+
 def test_the_report_says_who_trained_stages_1_and_2():
     from simulations.report import _stages_1_2
 
