@@ -12,6 +12,7 @@ kernels and stays far below a real mismatch: the constraint loss computed per sh
 moves the trained group adapters by 2.7e-2 (measured), its gradient by 50 % relative.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,13 @@ def _check_equal(device: str, tmp_path: Path) -> None:
         assert diff <= ATOL, f"{scope} adapters differ by {diff:.2e} > {ATOL}"
     for key in ("population.final_loss", "group.final_loss"):
         assert ddp.metrics[key] == pytest.approx(single.metrics[key], rel=1e-5)
-    assert ddp.group_meta["user_index"] == single.group_meta["user_index"]
-    # rank 0 wrote the server model's files, as one process does
+    # rank 0 wrote the server model's files, as one process does, with the same server users' table
     assert (tmp_path / "ddp" / "group.safetensors").exists()
+    saved = [
+        json.loads((tmp_path / run / "group.json").read_text())["user_index"] for run in ("ddp", "single")
+    ]
+    assert saved[0] == saved[1] and saved[0]
+    assert ddp.user_rows == single.user_rows == 1  # only the unknown-user row ships
 
 
 def test_two_cpu_processes_train_the_same_adapters_as_one(tmp_path):
