@@ -1,7 +1,9 @@
 """The Flower ClientApp of a device: `query.base` says whether the device holds the base, `train.user` runs
 the user stage on the device's own history and keeps its statistics for the secure sum (or, without secure
 aggregation, replies with them; checked by the privacy guard), `train` is Flower's SecAgg+ round that sums
-them (`client/secure_metrics.py`)."""
+them (`client/secure_metrics.py`) or, with server-data = federated, this device's update of a federated
+stage (`client/federated_stages.py`; the round's FitIns config says which); `query.consent` says whether the
+device trains stages 1-2."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.compat.common import recorddict_compat as compat
 
 from client.device import (
     base_folder,
@@ -26,6 +29,7 @@ from client.device import (
     store_for,
     write_local_predictions,
 )
+from client.federated_stages import consent_reply, stage_update_reply
 from client.privacy_guard import error_reply, privacy_guard
 from client.secure_metrics import keep_for_secure_sum, secagg_guard, secure_sum_reply, write_local_stats
 from client.store import DEVICE_KEY_ENV, use_device_key
@@ -33,7 +37,7 @@ from proper_fed.artifacts.base_store import find_base
 from proper_fed.errors import ProperFedError, public_error
 from proper_fed.federation import wire
 from proper_fed.federation.run_settings import RunSettings
-from proper_fed.federation.wire import QUERY_BASE, TRAIN_USER
+from proper_fed.federation.wire import QUERY_BASE, QUERY_CONSENT, TRAIN_USER
 from proper_fed.model.backbone import cache_root, use_cache_dir
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,15 @@ def has_base(msg: Message, context: Context) -> Message:
     )
 
 
+@app.query(QUERY_CONSENT.name)
+def consent(msg: Message, context: Context) -> Message:
+    try:
+        return consent_reply(msg, context)
+    except Exception as err:  # Flower's own error reply would carry the text
+        log.exception("answering the consent query failed")
+        return _error(msg, err)
+
+
 @app.train(TRAIN_USER.name, mods=[privacy_guard])
 def train_user(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
@@ -106,7 +119,11 @@ def _reply_with(msg: Message, context: Context, numbers: dict[str, float]) -> Me
 @app.train(mods=[secagg_guard, secaggplus_mod])
 def secure_sum(msg: Message, context: Context) -> Message:
     """Flower's SecAgg+ round (plain `train` messages, four stages run by secaggplus_mod): this handler is
-    called in its masked-vector stage and hands over the vector kept by the user stage."""
+    called in its masked-vector stage and hands over the vector kept by the user stage, or trains a federated
+    stage and hands over its update, as the round's FitIns config says (errors: secagg_guard's fixed reply)."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    if fitins.config.get(wire.SECAGG_TASK, wire.TASK_METRICS) == wire.TASK_STAGE:
+        return stage_update_reply(msg, context, fitins)
     return secure_sum_reply(msg, context)
 
 

@@ -55,9 +55,11 @@ class Enrollment:
     insecure: bool = False
     task: str = ""
     base_folder: str = ""
+    federated_training: bool = True  # False: this device does not train stages 1-2 of a federated run
 
     def node_config(self) -> str:
-        """`--node-config` for flower-supernode: the keys client/device.py reads."""
+        """`--node-config` for flower-supernode: the keys client/device.py (and, for the opt-out of federated
+        stages 1-2, client/federated_stages.py) reads."""
         pairs = {
             "data-path": self.data,
             "user-id": self.user_id,
@@ -65,6 +67,7 @@ class Enrollment:
             "store-dir": self.store,
             "task": self.task,
             "base-folder": self.base_folder,
+            "federated-training": "" if self.federated_training else "false",
         }
         for key, value in pairs.items():
             if "'" in value or '"' in value:
@@ -163,6 +166,7 @@ def enroll(
     insecure: bool = False,
     base_folder: str = "",
     repin: bool = False,
+    federated_training: bool = True,
 ) -> tuple[Enrollment, bool]:
     """Prepare a device: check its data and the server key, make its node key pair (if missing), pin the
     server's signing key and CA, and save the enrollment. Returns (enrollment, key pair created now)."""
@@ -195,6 +199,7 @@ def enroll(
         insecure=insecure,
         task=task,
         base_folder=str(Path(base_folder).expanduser().resolve()) if base_folder else "",
+        federated_training=federated_training,
     )
     atomic_write_text(root / ENROLLMENT_FILE, json.dumps(asdict(enrollment), indent=2) + "\n")
     return enrollment, created

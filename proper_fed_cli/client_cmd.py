@@ -119,6 +119,13 @@ def enroll_cmd(
     repin: Annotated[
         bool, typer.Option("--repin", help="Trust a new server key / CA in place of the pinned one.")
     ] = False,
+    no_federated_training: Annotated[
+        bool,
+        typer.Option(
+            "--no-federated-training",
+            help="Do not train stages 1-2 when a run trains them federated (server-data = federated).",
+        ),
+    ] = False,
     no_start: Annotated[
         bool, typer.Option("--no-start", help="Only create keys and pin the server's; do not start.")
     ] = False,
@@ -132,7 +139,7 @@ def enroll_cmd(
     configure_library()
     enrollment, created = enroll(
         store or _default_store(user_id), data, server_key, superlink, root_cert, user_id=user_id, task=task,
-        insecure=insecure, base_folder=base_folder, repin=repin,
+        insecure=insecure, base_folder=base_folder, repin=repin, federated_training=not no_federated_training,
     )  # fmt: skip
     typer.echo(f"device store: {enrollment.store} (user {enrollment.user_id})")
     if not insecure:

@@ -168,6 +168,7 @@ def write_results(
         "history_len": agg["history_len"],
         "secure_aggregation": None if release is None else secure_summary(release, settings.device_outputs),
         "server": {name: m.metrics for name, m in models.items()},
+        "server_data": settings.server_data,  # what trained stages 1-2: "central" or "federated"
         "costs": method_costs(agg["methods"], models),
         "config": _jsonable(settings),
         # what dtype="auto" resolved to on the server's machine (the simulated devices share it), and why

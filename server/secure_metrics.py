@@ -51,10 +51,13 @@ class SecureRelease:
 
 
 class _SumOf(Strategy):
-    """The legacy strategy SecAggPlusWorkflow needs: it selects exactly `nodes` and keeps the aggregate."""
+    """The legacy strategy SecAggPlusWorkflow needs: it selects exactly `nodes`, sends each the same `fitins`
+    (none for the metrics; the global shared tensors and the stage for a federated round) and keeps the
+    aggregate."""
 
-    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+    def __init__(self, grid: Grid, nodes: list[int], fitins: FitIns | None = None) -> None:
         self.grid, self.nodes = grid, nodes
+        self.fitins = fitins or FitIns(Parameters(tensors=[], tensor_type=""), {})
         self.mean: np.ndarray | None = None
         self.summed: tuple[int, ...] = ()
 
@@ -63,8 +66,7 @@ class _SumOf(Strategy):
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         run_id = self.grid.run.run_id
-        empty = FitIns(Parameters(tensors=[], tensor_type=""), {})
-        return [(GridClientProxy(n, self.grid, run_id), empty) for n in self.nodes]
+        return [(GridClientProxy(n, self.grid, run_id), self.fitins) for n in self.nodes]
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         # Every result carries the same unmasked aggregate: the mean of the devices' floats.
@@ -98,16 +100,34 @@ def secure_sums(
 ) -> SecureSums | None:
     """Run SecAgg+ over `nodes` (devices holding a vector of `plan`'s layout); the decoded sums, or None when
     fewer than min-devices devices completed the protocol (the workflow then unmasks nothing)."""
-    if len(nodes) < plan.min_devices:
-        log.error("only %d devices are ready; a secure sum covers at least %d", len(nodes), plan.min_devices)
+    summed = secure_limb_sums(grid, context, nodes, plan.min_devices, timeout_s)
+    if summed is None:
         return None
-    strategy = _SumOf(grid, sorted(nodes))
+    limb_sums, devices = summed
+    return SecureSums(plan.sums(limb_sums, len(devices)), devices)
+
+
+def secure_limb_sums(
+    grid: Grid,
+    context: Context,
+    nodes: list[int],
+    min_devices: int,
+    timeout_s: float,
+    fitins: FitIns | None = None,
+) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """One SecAgg+ round over `nodes`, each sent `fitins`: the exact integer sum of each limb of the devices'
+    vectors, and the devices in it; None when fewer than `min_devices` completed the protocol (the workflow
+    then unmasks nothing). The one place that drives SecAggPlusWorkflow, with the layout's fixed setup."""
+    if len(nodes) < min_devices:
+        log.error("only %d devices are ready; a secure sum covers at least %d", len(nodes), min_devices)
+        return None
+    strategy = _SumOf(grid, sorted(nodes), fitins)
     legacy = LegacyContext(context, ServerConfig(num_rounds=1), strategy=strategy)
     legacy.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
     legacy.state[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = SecAggPlusWorkflow(
         num_shares=1.0,  # every device shares its keys with every other
-        reconstruction_threshold=plan.min_devices,
+        reconstruction_threshold=min_devices,
         max_weight=secure_sum.MAX_WEIGHT,
         clipping_range=secure_sum.CLIPPING_RANGE,
         quantization_range=secure_sum.QUANTIZATION_RANGE,
@@ -115,8 +135,6 @@ def secure_sums(
         timeout=timeout_s,
     )
     workflow(grid, legacy)
-    if strategy.mean is None or len(strategy.summed) < plan.min_devices:
+    if strategy.mean is None or len(strategy.summed) < min_devices:
         return None
-    devices = len(strategy.summed)
-    limb_sums = secure_sum.limb_sums_from_mean(strategy.mean, devices)
-    return SecureSums(plan.sums(limb_sums, devices), strategy.summed)
+    return secure_sum.limb_sums_from_mean(strategy.mean, len(strategy.summed)), strategy.summed

@@ -18,7 +18,7 @@ from proper_fed.artifacts.bundle import Bundle, build_bundle
 from proper_fed.data import FederationSplit
 from proper_fed.data.baselines import has_label_baselines, label_ranking
 from proper_fed.federation.reply_schema import run_reply_schema
-from proper_fed.federation.run_settings import RunSettings, load_split
+from proper_fed.federation.run_settings import FEDERATED, RunSettings, load_split
 from proper_fed.federation.secure_sum import sum_plan
 from proper_fed.federation.wire import (
     QUERY_BASE,
@@ -30,8 +30,9 @@ from proper_fed.federation.wire import (
     tensor_group,
     variant_entry,
 )
-from proper_fed.model.backbone import cache_root, model_folder, use_cache_dir
+from proper_fed.model.backbone import cache_root, load_backbone, model_folder, use_cache_dir
 from server.audit import AuditedGrid
+from server.federated_stages import train_federated_stages
 from server.progress import Progress
 from server.results import DeviceReply, write_results
 from server.secure_metrics import SecureRelease, check_enough_devices, secure_sums
@@ -102,19 +103,17 @@ def main(flower_grid: Grid, context: Context) -> None:
     grid = AuditedGrid(flower_grid, RECORD_REPLIES, accounted=(SECURE_SUM_TYPE,))
     t0 = time.perf_counter()
     progress = Progress(settings.out)
-    progress(
-        "phase 1/3: server stages (population, group" + "".join(f", {v}" for v in settings.variants) + ")"
-    )
-    models = train_server_stages_in_child(dict(context.run_config), progress.t0)
+    models, nodes, federated_bytes = server_stages(grid, context, settings, progress)
     split = load_split(settings)
     t_server = time.perf_counter() - t0
 
     progress("phase 2/3: signing the bundle")
     bundle = sign_bundle(settings, models)
-    nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
-    if settings.secure_aggregation:
-        check_enough_devices(nodes, settings.min_devices)
+    nodes = nodes or connected_devices(grid, settings)
     replies = probe_bases(grid, nodes, bundle, settings.node_wait_s)
+    for node, counted in federated_bytes.items():
+        if node in replies:
+            replies[node].account("federated_stages", counted["sent"], counted["received"])
 
     t1 = time.perf_counter()
     messages = train_messages(replies, bundle, run_info(split))
@@ -129,6 +128,35 @@ def main(flower_grid: Grid, context: Context) -> None:
     }
     path = write_results(settings, split, models, replies, timings, bundle.base_content_hash, sums)
     progress(f"results written to {path}")
+
+
+def connected_devices(grid: Grid, settings: RunSettings) -> list[int]:
+    """The devices of the run, once min-nodes connected or node-wait-s passed; with secure aggregation,
+    refused (ConfigError) below min-devices."""
+    nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
+    if settings.secure_aggregation:
+        check_enough_devices(nodes, settings.min_devices)
+    return nodes
+
+
+def server_stages(
+    grid: AuditedGrid, context: Context, settings: RunSettings, progress: Progress
+) -> tuple[dict[str, ServerModel], list[int], dict[int, dict[str, int]]]:
+    """Phase 1: the server models; the devices already connected (federated: [] for central) and the bytes
+    each device's federated rounds moved ({} for central: the server trains on its own users' data)."""
+    if settings.server_data != FEDERATED:
+        variants = "".join(f", {v}" for v in settings.variants)
+        progress(f"phase 1/3: server stages (population, group{variants})")
+        return train_server_stages_in_child(dict(context.run_config), progress.t0), [], {}
+    nodes = connected_devices(grid, settings)
+    progress("phase 1/3: federated stages (population, group) on the consenting devices, under SecAgg+")
+    model_id = settings.proper.backbone.model
+    backbone = load_backbone(settings.proper.backbone)  # only to initialise the shared tensors
+    base = (base_hash(model_folder(model_id)), model_id)
+    models = train_federated_stages(grid, context, settings, nodes, backbone, base, progress)
+    moved = {n: dict(c) for n, c in grid.bytes.items()}
+    grid.bytes.clear()  # the secure sum of the statistics counts its own
+    return models, nodes, moved
 
 
 def secure_sum_phase(

@@ -179,6 +179,13 @@ def _protocol_sections(results: dict, metric: str) -> list[str]:
     return lines
 
 
+def _stages_1_2(results: dict) -> str:
+    """Who trained stages 1-2: the server's users, or the consenting devices (server-data = federated)."""
+    if results.get("server_data") == "federated":
+        return "stages 1-2 federated on the consenting devices (SecAgg+, FedAvg)"
+    return f"{results['users']['server']} server users (stages 1-2)"
+
+
 def _missing(results: dict) -> list[str]:
     """Which devices the tables lack, and why (the device's fixed error code and message)."""
     failed = results.get("failed") or {}
@@ -204,7 +211,7 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
     lines = [
         f"# proper-fed simulation: {results['task']}",
         "",
-        f"**{answered}.** {users['server']} server users (stages 1-2), {users['devices']} device users "
+        f"**{answered}.** {_stages_1_2(results)}, {users['devices']} device users "
         f"(stage 3 on their own history, scored on their own held-out queries).",
         "",
         *(f"- `{k}`: {m.describe}" for k, m in METHODS.items() if m.describe and k in results["methods"]),

@@ -22,6 +22,8 @@ from proper_fed.methods import DEVICE_METHODS, VARIANTS, Kind, unknown_names
 
 SECTIONS = ("backbone", "adapters", "population", "group", "user")
 BUILTIN_DATA = "synthetic"
+FEDERATED = "federated"
+SERVER_DATA = ("central", FEDERATED)  # what trains stages 1-2 (`RunSettings.server_data`)
 # Under `device_outputs` (simulation only): `<name>/<node id>.json` per reported method, and this folder of
 # `<node id>.json` files in which each virtual device notes its partition when it starts.
 DEVICE_NODES_DIR = "_nodes"
@@ -57,7 +59,13 @@ class RunSettings:
     `secure_aggregation`: devices send their statistics through SecAgg+ and the server learns only their sums
     over at least `min_devices` devices (`federation/secure_sum.py`); off, each device's statistics reach the
     server in the clear. `dp_epsilon` > 0 adds Gaussian noise to those sums, (`dp_epsilon`, `dp_delta`)-DP for
-    devices with at most `dp_max_queries` queries and `dp_max_history` history items (`federation/dp.py`)."""
+    devices with at most `dp_max_queries` queries and `dp_max_history` history items (`federation/dp.py`).
+    `server_data`: what trains stages 1-2: "central" (the server's own users' data) or "federated" (the
+    consenting devices train them on their own history, `federated_population_rounds` then
+    `federated_group_rounds` rounds of `federated_local_epochs` local epochs each, and the server learns only
+    the SecAgg+ sums of their updates, FedAvg-weighted by examples: `federation/shared_vector.py`,
+    `train/federated.py`). Federated needs secure aggregation and runs PROPER's server model only (no variants,
+    no *_matched methods)."""
 
     data: str = BUILTIN_DATA
     task: str = ""
@@ -86,6 +94,10 @@ class RunSettings:
     dp_max_queries: int = 20
     dp_max_history: int = 200
     validation: bool = False
+    server_data: str = "central"
+    federated_population_rounds: int = 3
+    federated_group_rounds: int = 3
+    federated_local_epochs: int = 1
     proper: ProperConfig = field(default_factory=ProperConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -119,6 +131,43 @@ class RunSettings:
             "use 'nf4' (4-bit bitsandbytes, the on-device default) or 'none'",
         )
         self._check_secure_aggregation()
+        self._check_server_data()
+
+    def _check_server_data(self) -> None:
+        from proper_fed.methods import METHODS, PROPER
+
+        _need(
+            self.server_data in SERVER_DATA,
+            "server-data",
+            self.server_data,
+            f"use one of {list(SERVER_DATA)}",
+        )
+        for name in ("federated_population_rounds", "federated_group_rounds", "federated_local_epochs"):
+            value = getattr(self, name)
+            _need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                name.replace("_", "-"),
+                value,
+                "use an integer >= 1",
+            )
+        if self.server_data != FEDERATED:
+            return
+        _need(
+            self.secure_aggregation,
+            "server-data",
+            self.server_data,
+            "federated stages send the devices' updates only through SecAgg+: set secure-aggregation = true",
+        )
+        others = [m for m in (*self.methods, *self.variants) if METHODS[m].server_model != PROPER]
+        _need(
+            not others,
+            "server-data",
+            self.server_data,
+            f"federated stages train PROPER's server model only; drop {others} from methods / variants",
+        )
+        _need(
+            not self.validation, "validation", self.validation, "validation runs need server-data = central"
+        )
 
     def _check_secure_aggregation(self) -> None:
         from proper_fed.federation.dp import MAX_EPSILON

@@ -12,7 +12,14 @@ What travels (Flower's Message API; the server and client apps wrap these names 
                                    device for the secure sum); without it, METRICS (numbers only: the run's
                                    reply schema, reply_schema.py)
     train        Flower's SecAgg+ round (its four stages; secure_sum.py), run by flwr's SecAggPlusWorkflow
-                 and secaggplus_mod: public keys, encrypted key shares, the masked vector, key shares
+                 and secaggplus_mod: public keys, encrypted key shares, the masked vector, key shares.
+                 Its legacy FitIns config says what the masked vector is (SECAGG_TASK): the device's
+                 statistics (TASK_METRICS, the default) or, with server-data = federated, its update of a
+                 federated stage's shared tensors (TASK_STAGE: FitIns parameters = the global shared
+                 tensors, population layout then group layout; config STAGE, ROUND, base PROBE_HASH and
+                 PROBE_MODEL; shared_vector.py)
+    query.consent server -> device  nothing                                    "will you train stages 1-2?"
+                 device -> server  record CONSENT     {consents: 0 | 1}       (a MetricRecord)
 
 Tensors travel as numpy arrays plus a JSON dtype table (`encode_tensors` / `decode_tensors`): dtypes numpy
 lacks (bfloat16, float8) go as same-width integer views and come back bit-exact. Tensor groups in the bundle
@@ -46,6 +53,7 @@ class MessageKind:
 
 
 QUERY_BASE: Final = MessageKind("query", "base")
+QUERY_CONSENT: Final = MessageKind("query", "consent")
 TRAIN_USER: Final = MessageKind("train", "user")
 # The type Flower's SecAgg+ workflow gives its messages (MessageType.TRAIN); ClientApp's `@app.train()`.
 SECURE_SUM_TYPE: Final = "train"
@@ -59,6 +67,7 @@ BASE_ARRAYS: Final = "base-arrays"
 BASE_FILES: Final = "base-files"
 BASE_META: Final = "base-meta"
 METRICS: Final = "metrics"
+CONSENT: Final = "consent"
 
 # Keys inside those records.
 PROBE_HASH: Final = "hash"
@@ -68,6 +77,13 @@ RUN_TASK: Final = "task"
 # Labels by their frequency in the server users' pooled history, most frequent first (ties: label-set
 # order). Sent only for tasks with labelled history: the device's majority and user_majority baselines.
 RUN_LABEL_RANKING: Final = "label-ranking"
+CONSENTS: Final = "consents"
+# The SecAgg+ round's FitIns config (`train` messages): what the masked vector holds.
+SECAGG_TASK: Final = "proper-fed.task"
+TASK_METRICS: Final = "metrics"
+TASK_STAGE: Final = "stage"
+STAGE: Final = "stage"
+ROUND: Final = "round"
 META_HASH: Final = "hash"
 META_DTYPES: Final = "dtypes"
 
