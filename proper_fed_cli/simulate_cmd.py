@@ -60,6 +60,14 @@ def simulate_cmd(
             "stays the same; overrides the config's `seeds`.",
         ),
     ] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="With seeds: run every seed again, even one already finished in <out>/seed-<s>/ with the "
+            "same run config (reused by default, so a stopped multi-seed run goes on where it stopped).",
+        ),
+    ] = False,
 ) -> None:
     """Run the federated PROPER pipeline and its baselines on the same users and queries."""
     from proper_fed_cli.environment import configure_library
@@ -83,7 +91,7 @@ def simulate_cmd(
             console.log(line)
 
         name = "quick" if quick and config == "default" else config
-        outcome = simulate(os.environ, name, overrides, show, plots, seed_list)
+        outcome = simulate(os.environ, name, overrides, show, plots, seed_list, fresh)
     if isinstance(outcome, SeedsOutcome):
         _show_seeds(outcome, allow_partial)
     else:

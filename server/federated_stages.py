@@ -101,6 +101,12 @@ def federated_round(
     return apply_mean(global_tensors[stage], avg.mean), avg
 
 
+def _moved(grid: Grid) -> dict[str, float]:
+    """Bytes the grid has moved so far to and from all devices (an AuditedGrid counts them; another: 0)."""
+    counted = getattr(grid, "bytes", {})
+    return {k: float(sum(c[k] for c in counted.values())) for k in ("sent", "received")}
+
+
 def train_federated_stages(
     grid: Grid,
     context: Context,
@@ -125,6 +131,7 @@ def train_federated_stages(
     rounds = {"population": settings.federated_population_rounds, "group": settings.federated_group_rounds}
     metrics: dict[str, float] = {}
     for stage in FEDERATED_STAGES:
+        before = _moved(grid)
         for r in range(rounds[stage]):
             progress(
                 f"federated {stage} round {r + 1}/{rounds[stage]} on {len(consenting)} devices (SecAgg+)"
@@ -132,8 +139,12 @@ def train_federated_stages(
             global_tensors[stage], avg = federated_round(
                 grid, context, consenting, stage, r, global_tensors, layouts, base, settings
             )
+        per_round = rounds[stage] * max(1, len(consenting))
+        moved = {k: (v - before[k]) / per_round for k, v in _moved(grid).items()}
         metrics.update(
             {
+                f"{stage}.bytes_to_device_per_round": moved["sent"],  # mean over devices and rounds
+                f"{stage}.bytes_from_device_per_round": moved["received"],
                 f"{stage}.rounds": float(rounds[stage]),
                 f"{stage}.devices_last_round": float(avg.devices),
                 f"{stage}.examples_last_round": float(avg.weight),  # a sum over the devices (capped weights)

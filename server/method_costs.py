@@ -19,13 +19,18 @@ def server_stages_of(spec: Method) -> tuple[str, ...]:
     return ("population", "group")
 
 
-def _stage_metric(models: Mapping[str, ServerModel], model: str, stage: str, stat: str) -> float:
-    """A stage's metric; a server model that reused PROPER's population stage reports it under PROPER."""
+def _stage_metric(models: Mapping[str, ServerModel], model: str, stage: str, stat: str) -> float | None:
+    """A stage's metric; a server model that reused PROPER's population stage reports it under PROPER. None
+    when no stage recorded it (federated stages: the server never learns how many tokens a device trained)."""
     for name in (model, PROPER):
         value = models[name].metrics.get(f"{stage}.{stat}") if name in models else None
         if value is not None:
             return float(value)
-    return float("nan")
+    return None
+
+
+def _total(values: list[float | None]) -> float | None:
+    return None if None in values else sum(values)  # type: ignore[arg-type]
 
 
 def _nbytes(tensors: Mapping) -> int:
@@ -46,10 +51,12 @@ def method_costs(reported: Mapping[str, dict], models: Mapping[str, ServerModel]
         joint = "end_to_end.tokens" in server_model.metrics  # stages 1-2 trained as one
         metric_stages = ("end_to_end",) if joint and stages else stages
         out[name] = {
-            "server_trainable_parameters": sum(
-                _stage_metric(models, model, s, "trainable_parameters") for s in metric_stages
+            "server_trainable_parameters": _total(
+                [_stage_metric(models, model, s, "trainable_parameters") for s in metric_stages]
             ),
-            "server_training_tokens": sum(_stage_metric(models, model, s, "tokens") for s in metric_stages),
+            "server_training_tokens": _total(
+                [_stage_metric(models, model, s, "tokens") for s in metric_stages]
+            ),
             "device_trainable_parameters": row.get("trainable_parameters_per_user", 0),
             "device_training_tokens_per_user": row.get("train_tokens_per_user", 0.0),
             "shipped_adapter_bytes": sum(_nbytes(getattr(server_model, s)) for s in stages),

@@ -88,14 +88,19 @@ def cost_table(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, c in costs.items():
         cells = [
-            f"{c['server_trainable_parameters']:,.0f}",
-            f"{c['server_training_tokens']:,.0f}",
+            _count(c["server_trainable_parameters"]),
+            _count(c["server_training_tokens"]),
             f"{c['device_trainable_parameters']:,.0f}",
             f"{c['device_training_tokens_per_user']:,.0f}",
             f"{c['shipped_adapter_bytes'] / 2**20:.2f}",
         ]
         lines.append("| " + " | ".join([f"`{name}`", *cells]) + " |")
     return "\n".join(lines)
+
+
+def _count(value: float | None) -> str:
+    """A cost cell; None (not recorded: federated stages' tokens stay on the devices) as a dash."""
+    return "—" if value is None or value != value else f"{value:,.0f}"
 
 
 def answer_spread(out: Path, results: dict) -> str:
@@ -227,21 +232,60 @@ def write_report(out: Path, results: dict, plots: dict[str, Path]) -> Path:
     return atomic_write_text(out / "report.md", "\n".join(lines))
 
 
+PHASE_WORDS = {
+    "federated_stages": "federated stages 1-2 (SecAgg+ rounds)",
+    "query_base": "base probe",
+    "train_user": "bundle and user stage",
+    "secure_sum": "secure sum of the metrics (keys, shares, one masked vector)",
+}
+
+
+def bytes_lines(results: dict) -> list[str]:
+    """Bytes per device (mean over the devices), by phase; with federated stages also per round and stage."""
+    per_dev = results["bytes"]["per_device"]
+    n = max(1, len(per_dev))
+    phases: dict[str, dict[str, float]] = {}
+    for device in per_dev.values():
+        for phase, moved in device.items():
+            total = phases.setdefault(phase, {"sent": 0.0, "received": 0.0})
+            total["sent"] += moved["sent"] / n
+            total["received"] += moved["received"] / n
+    sent, recv = (sum(p[k] for p in phases.values()) for k in ("sent", "received"))
+    lines = [f"- bytes per device: {_mb(sent)} sent to it, {_mb(recv)} received from it; by phase:"]
+    lines += [
+        f"  - {PHASE_WORDS.get(phase, phase)}: {_mb(p['sent'])} to it, {_mb(p['received'])} from it"
+        for phase, p in phases.items()
+    ]
+    server = (results.get("server") or {}).get("proper", {})
+    for stage in ("population", "group"):
+        if f"{stage}.bytes_to_device_per_round" in server:
+            lines.append(
+                f"  - per device and round of federated {stage} ({_rounds(server[f'{stage}.rounds'])}): "
+                f"{_mb(server[f'{stage}.bytes_to_device_per_round'])} to it, "
+                f"{_mb(server[f'{stage}.bytes_from_device_per_round'])} from it"
+            )
+    return lines
+
+
+def _rounds(n: float) -> str:
+    return f"{n:.0f} round" + ("" if n == 1 else "s")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def cost_section(results: dict) -> list[str]:
     """Time, bytes and precision of the run, and each method's training budget."""
-    t, per_dev = results["timings"], results["bytes"]["per_device"]
-    sent = sum(p["sent"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
-    recv = sum(p["received"] for d in per_dev.values() for p in d.values()) / max(1, len(per_dev))
+    t = results["timings"]
     prec = results.get("precision") or {}
-    secure = results.get("secure_aggregation")
     lines = [
         "## Cost",
         "",
         f"- server stages: {t['server_stages_s']:.0f} s; device phase: {t['device_phase_s']:.0f} s "
         f"({t['device_users_per_hour']:.0f} device users per hour on this machine); whole simulation: "
         f"{t.get('simulation_wall_s', t['total_s']):.0f} s",
-        f"- bytes per device: {sent / 1e6:.2f} MB sent to it, {recv / 1e3:.1f} kB received from it "
-        + ("(the SecAgg+ round: keys, shares, one masked vector)" if secure else "(metrics only)"),
+        *bytes_lines(results),
     ]
     if prec:
         lines.append(

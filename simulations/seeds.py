@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +71,28 @@ def seed_plan(p: SimulationPlan, seed: int) -> SimulationPlan:
     if p.run_config.get("state-dir"):  # an explicit server state folder: one per seed, never shared
         flat["state-dir"] = str(Path(p.run_config["state-dir"]) / f"seed-{seed}")
     return replace(p, run_config=flat, out=out, settings=RunSettings.from_run_config(flat), seeds=())
+
+
+def finished_seed(p: SimulationPlan) -> dict | None:
+    """The results of a seed already run to the end with exactly this plan's run config, or None.
+
+    A seed is reused when its folder holds results.json, every device answered, and its run_config.toml equals
+    the one this plan would write (same data, users, methods, settings and training seed). Anything else
+    (another setting, a lost device, no results) runs again. The code is not compared: after changing the
+    method, pass `--fresh` to run every seed again."""
+    import tomli_w
+
+    results, written = p.out / "results.json", p.out / "run_config.toml"
+    if not (results.is_file() and written.is_file()):
+        return None
+    try:
+        data = json.loads(results.read_text())
+        same = tomllib.loads(written.read_text()) == tomllib.loads(tomli_w.dumps(dict(p.run_config)))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    users = data.get("users", {})
+    complete = users.get("devices") and users.get("devices") == users.get("devices_answered")
+    return data if same and complete and not data.get("failed") else None
 
 
 def check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from simulations import plots
 from simulations.estimate import Estimate, estimate_run
 from simulations.report import PRIMARY, write_report
 from simulations.run import SimulationPlan, merge_predictions, name_failed_users, plan, run
-from simulations.seeds import SeedsOutcome, check_seeds, run_seeds
+from simulations.seeds import SeedsOutcome, check_seeds, finished_seed, run_seeds
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,11 @@ def simulate(
     on_line: Callable[[str], None] | None = None,
     with_plots: bool = True,
     seeds: Sequence[int] = (),
+    fresh: bool = False,
 ) -> Outcome | SeedsOutcome:
     """The whole simulation; `env` is the caller's environment, passed on to Flower with ours on top. With
     `seeds` (or the config's `seeds`): once per training seed into `<out>/seed-<s>/`, then the comparison over
-    seeds (simulations/seeds.py)."""
+    seeds (simulations/seeds.py); a seed already finished with the same run config is reused unless `fresh`."""
     p = plan(config, overrides)
     seeds = check_seeds(seeds) if seeds else p.seeds
     if on_line:
@@ -92,9 +93,21 @@ def simulate(
             )
     if not seeds:
         return simulate_plan(p, env, on_line, with_plots)
-    return run_seeds(
-        p, seeds, lambda sp, s: simulate_plan(sp, env, _prefixed(on_line, f"seed {s}: "), with_plots)
-    )
+
+    def one_seed(sp: SimulationPlan, s: int) -> Outcome:
+        said = _prefixed(on_line, f"seed {s}: ")
+        done = None if fresh else finished_seed(sp)
+        if done is None:
+            return simulate_plan(sp, env, said, with_plots)
+        if said:
+            said(f"reusing {sp.out} (finished with the same run config; --fresh runs it again)")
+        return Outcome(sp.out, done, sp.out / "report.md", _predictions(sp.out), {})
+
+    return run_seeds(p, seeds, one_seed)
+
+
+def _predictions(out: Path) -> dict[str, Path]:
+    return {f.stem: f for f in sorted((out / "predictions").glob("*.json"))}
 
 
 def _prefixed(on_line: Callable[[str], None] | None, prefix: str) -> Callable[[str], None] | None:

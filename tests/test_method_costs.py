@@ -59,3 +59,13 @@ def test_costs_put_the_matched_baselines_beside_proper():
     assert costs["oppu_matched"]["shipped_adapter_bytes"] == 90 * 4
     assert costs["proper"]["device_training_tokens_per_user"] == 1000.0
     assert costs["proper@rank"] == costs["proper"]
+
+
+def test_federated_stages_record_no_server_tokens_and_the_table_shows_a_dash():
+    from simulations.report import cost_table
+
+    federated = {"proper": _model("proper", {"population.trainable_parameters": 100.0}, 25, 0)}
+    costs = method_costs({"population": {}}, federated)
+    assert costs["population"]["server_training_tokens"] is None  # never NaN: results.json stays JSON
+    assert costs["population"]["server_trainable_parameters"] == 100
+    assert "| `population` | 100 | — |" in cost_table({"costs": costs})

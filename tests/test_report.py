@@ -91,3 +91,30 @@ def test_answer_spread_flags_a_method_that_answers_one_label_for_most_queries(tm
     assert set(rows) == {"`proper_group`", "`proper`"}  # oppu has no predictions file: no row
     assert "| 2 | `skip` | 0.90 |" in rows["`proper_group`"]
     assert "| 4 | `skip` | 0.40 |" in rows["`proper`"]
+
+
+def test_bytes_are_shown_per_phase_and_per_federated_round():
+    from simulations.report import bytes_lines
+
+    per_device = {
+        "1": {
+            "federated_stages": {"sent": 3_000_000, "received": 9_000_000},
+            "secure_sum": {"sent": 20, "received": 40},
+        },
+        "2": {
+            "federated_stages": {"sent": 5_000_000, "received": 11_000_000},
+            "secure_sum": {"sent": 40, "received": 60},
+        },
+    }
+    server = {
+        "population.rounds": 2.0,
+        "population.bytes_to_device_per_round": 1_000_000.0,
+        "population.bytes_from_device_per_round": 2_500_000.0,
+    }
+    lines = bytes_lines({"bytes": {"per_device": per_device}, "server": {"proper": server}})
+    text = "\n".join(lines)
+    assert "federated stages 1-2 (SecAgg+ rounds): 4.00 MB to it, 10.00 MB from it" in text
+    assert "bytes per device: 4.00 MB sent to it, 10.00 MB received from it" in text  # the mean over devices
+    assert "one masked vector): 0.0 kB to it, 0.1 kB from it" in text  # (40 + 60) / 2 bytes from it
+    assert "federated population (2 rounds): 1.00 MB to it, 2.50 MB from it" in text
+    assert "federated group" not in text  # no group rounds recorded

@@ -2,18 +2,20 @@
 out and reported, paired tests within a scoring protocol, and the config's `seeds` key."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from proper_fed.federation.run_config import parse_seeds
-from simulations.run import plan
+from proper_fed.federation.run_config import parse_seeds, write_run_config
+from simulations.run import SimulationPlan, plan
 from simulations.seeds import (
     TRAINING_SEED_KEYS,
     SeedsOutcome,
     aggregate,
     check_seeds,
+    finished_seed,
     protocol_groups,
     seed_plan,
 )
@@ -181,3 +183,36 @@ def test_the_pairs_that_isolate_one_part_are_tested_within_each_protocol(tmp_pat
     assert part["wins"] == 3 and part["mean_difference"] == pytest.approx(0.6)
     assert ("rank", "proper_group@rank", "population_matched@rank") in rows  # no proper@rank: only the pair
     assert not any(k[2] == "proper_group_unknown" for k in rows)  # a pair with a method that did not run
+
+
+def _finished(tmp_path: Path, seed: int = 0, answered: int = 3) -> SimulationPlan:
+    """A seed folder as a finished run leaves it: its run_config.toml and results.json."""
+    sp = seed_plan(plan("quick", {"out": str(tmp_path)}), seed)
+    sp.out.mkdir(parents=True)
+    write_run_config(sp.run_config, sp.out / "run_config.toml")
+    users = {"devices": 3, "devices_answered": answered}
+    (sp.out / "results.json").write_text(json.dumps({"task": "LaMP_2M", "users": users, "methods": {}}))
+    return sp
+
+
+def test_a_seed_finished_with_the_same_run_config_is_reused(tmp_path):
+    sp = _finished(tmp_path)
+    assert finished_seed(sp)["users"]["devices_answered"] == 3
+
+
+def test_a_seed_with_another_setting_or_seed_runs_again(tmp_path):
+    sp = _finished(tmp_path)
+    changed = replace(sp, run_config={**sp.run_config, "user.epochs": 7})
+    assert finished_seed(changed) is None
+    other_seed = seed_plan(plan("quick", {"out": str(tmp_path)}), 1)
+    assert finished_seed(replace(other_seed, out=sp.out)) is None
+
+
+def test_a_seed_that_lost_devices_or_has_no_readable_results_runs_again(tmp_path):
+    lost = _finished(tmp_path / "a", answered=2)
+    assert finished_seed(lost) is None
+    broken = _finished(tmp_path / "b")
+    (broken.out / "results.json").write_text("{ cut off")
+    assert finished_seed(broken) is None
+    (broken.out / "results.json").unlink()
+    assert finished_seed(broken) is None

@@ -20,19 +20,23 @@ def seeded_run(tmp_path_factory):
     # As test_simulate's quick_run: not activated, Flower's executables are found beside proper-fed.
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != str(exe.parent))
-    proc = subprocess.run(
-        [str(exe), "simulate", "--quick", "--no-plots", "--out", str(out), "--seeds", "0", "1"],
+    proc = _simulate(exe, out, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, exe, env
+
+
+def _simulate(exe: Path, out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(exe), "simulate", "--quick", "--no-plots", "--out", str(out), "--seeds", "0", "1", *extra],
         capture_output=True,
         text=True,
         timeout=1200,
         env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
 
 
 def test_each_seed_is_a_complete_run_with_its_training_seeds(seeded_run):
-    out, _ = seeded_run
+    out, *_ = seeded_run
     for seed in (0, 1):
         run = out / f"seed-{seed}"
         assert (run / "results.json").is_file() and (run / "report.md").is_file()
@@ -43,7 +47,7 @@ def test_each_seed_is_a_complete_run_with_its_training_seeds(seeded_run):
 
 
 def test_seeds_json_has_both_seeds_intervals_and_paired_tests(seeded_run):
-    out, stdout = seeded_run
+    out, stdout, *_ = seeded_run
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["metric"] == "accuracy"
     assert summary["users"]["left_out"] == [] and summary["users"]["in_every_seed"] > 1
@@ -55,3 +59,14 @@ def test_seeds_json_has_both_seeds_intervals_and_paired_tests(seeded_run):
     assert {"oppu", "population", "majority"} <= against
     assert "Paired per-user tests" in (out / "seeds.md").read_text()
     assert "proper against each method" in stdout
+
+
+def test_running_it_again_reuses_the_finished_seeds_and_rewrites_the_comparison(seeded_run):
+    out, _, exe, env = seeded_run
+    before = {s: (out / f"seed-{s}" / "results.json").stat().st_mtime_ns for s in (0, 1)}
+    (out / "seeds.json").unlink()
+    proc = _simulate(exe, out, env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("reusing") == 2
+    assert {s: (out / f"seed-{s}" / "results.json").stat().st_mtime_ns for s in (0, 1)} == before
+    assert json.loads((out / "seeds.json").read_text())["seeds"] == [0, 1]
