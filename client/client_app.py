@@ -29,7 +29,7 @@ from client.device import (
     store_for,
     write_local_predictions,
 )
-from client.federated_stages import consent_reply, stage_update_reply
+from client.federated_stages import consent_reply, federated_own_row, stage_update_reply
 from client.privacy_guard import error_reply, privacy_guard
 from client.secure_metrics import keep_for_secure_sum, secagg_guard, secure_sum_reply, write_local_stats
 from client.store import DEVICE_KEY_ENV, use_device_key
@@ -144,7 +144,13 @@ def _personalize(msg: Message, context: Context) -> dict[str, float]:
     store = store_for(node, context.node_id, STORE_DIR)
     ranking = content[wire.RUN].get(wire.RUN_LABEL_RANKING)
     numbers, predictions = personalize_device(
-        me, bundle, backbone, settings, store, None if ranking is None else [str(r) for r in ranking]
+        me,
+        bundle,
+        backbone,
+        settings,
+        store,
+        None if ranking is None else [str(r) for r in ranking],
+        own_row=federated_own_row(context),
     )
     keep_bundle(bundle, store)
     if settings.device_outputs:

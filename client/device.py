@@ -7,9 +7,9 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from proper_fed.model.backbone import Backbone, cache_dir, load_backbone
 from proper_fed.model.proper_model import ProperModel
 from proper_fed.train.personalize import MethodResult, Scored, personalize_user
 from proper_fed.train.trainer import Checkpointer
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,7 @@ class DeviceJob:
     store: AdapterStore
     history: list[Example]
     queries: list[Example]
+    own_row: torch.Tensor | None = None  # the user's row from federated stage 2 (never left the device)
 
     @property
     def user_id(self) -> str:
@@ -249,11 +253,13 @@ def personalize_device(
     settings: RunSettings,
     store: AdapterStore,
     ranking: Sequence[str] | None,
+    own_row: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], dict[str, Scored]]:
     """All methods for this device's user under every scoring protocol: numbers to send, and the answers to
     keep, by the name they are reported under (`proper`, `proper@rank`, ...). `ranking`: the server users'
-    label ranking (`data.baselines.label_ranking`) for the label baselines, None when the task has none."""
-    job = _device_job(me, bundle, backbone, settings, store)
+    label ranking (`data.baselines.label_ranking`) for the label baselines, None when the task has none.
+    `own_row`: the user's embedding row this device trained in federated stage 2, where its fit starts."""
+    job = replace(_device_job(me, bundle, backbone, settings, store), own_row=own_row)
     history_len, n_queries = float(len(me.user.profile)), float(len(job.queries))
     out = DeviceOutcome(settings.scoring, {"history_len": history_len, "queries": n_queries})
     results = {}
@@ -314,6 +320,7 @@ def _on_server_model(job: DeviceJob, name: str, methods: list[str]) -> dict[str,
             checkpointer_for=job.checkpointer,
             on_trained=save_adapter,
             protocols=job.settings.scoring,
+            own_row=job.own_row,
         )
     finally:
         model.remove()

@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proper_fed.artifacts import crypto
 from proper_fed.artifacts.certs import (
@@ -30,6 +31,9 @@ from proper_fed.artifacts.certs import (
 from proper_fed.atomic import atomic_write_bytes, atomic_write_text
 from proper_fed.errors import ConfigError, CryptoError
 from proper_fed.federation.processes import executable
+
+if TYPE_CHECKING:
+    from proper_fed.artifacts.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +233,9 @@ def answer(
     base_folder: str = "",
 ) -> str:
     """Answer `prompt` with the user's stored adapter on top of the verified bundle and the base it names."""
-    from client.device import BUNDLE_DIR, load_device_backbone, server_model
+    from client.device import load_device_backbone, server_model
     from client.store import AdapterStore
-    from proper_fed.artifacts.base_store import find_base
-    from proper_fed.artifacts.bundle import load_bundle, verify_bundle
-    from proper_fed.errors import BundleError, StoreError
+    from proper_fed.errors import StoreError
     from proper_fed.federation.run_settings import RunSettings
     from proper_fed.train.generate import generate
     from proper_fed.train.stages import serving_mode
@@ -243,6 +245,32 @@ def answer(
     user_id = user_id or (enrolled.user_id if enrolled else "")
     if not user_id:
         raise ConfigError(f"{root} has no enrollment.json; pass --user-id")
+    bundle, folder = _verified_bundle_and_base(root, enrolled, base_folder)
+    stored = AdapterStore.open(root).load_adapter(user_id)
+    if stored.meta.get("bundle") != bundle.manifest["tensor_sha256"]:
+        raise StoreError(
+            f"the adapter of user {user_id!r} was trained on another bundle than the one in {root}; take part "
+            "in the next federated run to personalize again"
+        )
+    settings = RunSettings.from_run_config({"device-quantization": quantization})
+    model = server_model(load_device_backbone(folder, settings), bundle, "proper")
+    try:
+        model.load_user_state(user_id, stored.tensors)
+        serving_mode(model, "user")
+        return generate(model, [prompt], [user_id], max_new_tokens=max_new_tokens)[0]
+    finally:
+        model.remove()
+
+
+def _verified_bundle_and_base(
+    root: Path, enrolled: Enrollment | None, base_folder: str
+) -> tuple[Bundle, Path]:
+    """The bundle the device keeps, verified against the pinned server key, and the local base it names."""
+    from client.device import BUNDLE_DIR
+    from proper_fed.artifacts.base_store import find_base
+    from proper_fed.artifacts.bundle import load_bundle, verify_bundle
+    from proper_fed.errors import BundleError
+
     key = Path(enrolled.server_key) if enrolled else root / TRUST_DIR / PINNED_SERVER_KEY
     if not (root / BUNDLE_DIR).is_dir():
         raise BundleError(
@@ -257,17 +285,4 @@ def answer(
             f"no local base with hash {bundle.base_content_hash[:16]}...; pass --base-folder with the model "
             "folder the server used"
         )
-    stored = AdapterStore.open(root).load_adapter(user_id)
-    if stored.meta.get("bundle") != bundle.manifest["tensor_sha256"]:
-        raise StoreError(
-            f"the adapter of user {user_id!r} was trained on another bundle than {root / BUNDLE_DIR}; take part "
-            "in the next federated run to personalize again"
-        )
-    settings = RunSettings.from_run_config({"device-quantization": quantization})
-    model = server_model(load_device_backbone(folder, settings), bundle, "proper")
-    try:
-        model.load_user_state(user_id, stored.tensors)
-        serving_mode(model, "user")
-        return generate(model, [prompt], [user_id], max_new_tokens=max_new_tokens)[0]
-    finally:
-        model.remove()
+    return bundle, folder

@@ -76,6 +76,13 @@ def device_examples(settings: RunSettings, node_config: Mapping[str, Any]) -> tu
     return me.user.user_id, list(device_training_examples(me.task, me.user))
 
 
+def federated_own_row(context: Context) -> torch.Tensor | None:
+    """The user's own embedding row this device trained in federated stage 2 (kept in the node state, never
+    sent), or None: no federated stage ran on this device in this run."""
+    row = context.state.get(OWN_ROW_STATE)
+    return torch.from_numpy(row[_ROW].numpy().copy()) if isinstance(row, ArrayRecord) else None
+
+
 def stage_update_reply(msg: Message, context: Context, fitins: FitIns) -> Message:
     """One federated round on this device: train, encode the update, reply as SecAgg+ wants (a legacy FitRes
     with the limbs as floats, num_examples = 1, no metrics)."""
@@ -96,8 +103,7 @@ def stage_update_reply(msg: Message, context: Context, fitins: FitIns) -> Messag
     try:
         layouts = {s: SharedLayout.of(shared_tensors(model, s)) for s in FEDERATED_STAGES}
         tensors = _global_tensors(fitins, layouts, stage)
-        row = context.state.get(OWN_ROW_STATE)
-        own = torch.from_numpy(row[_ROW].numpy().copy()) if isinstance(row, ArrayRecord) else None
+        own = federated_own_row(context)
         cfg = local_config(
             getattr(settings.proper, stage), stage, settings.federated_local_epochs, round_index
         )

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from proper_fed.errors import ProperFedError
-from proper_fed_cli import bench_cmd, certs_cmd, client_cmd, data_cmd, server_cmd, simulate_cmd
+from proper_fed_cli import bench_cmd, certs_cmd, client_cmd, compare_cmd, data_cmd, server_cmd, simulate_cmd
 
 app = typer.Typer(
     name="proper-fed",
@@ -29,6 +29,7 @@ app.add_typer(server_cmd.server_app, name="server")
 app.add_typer(client_cmd.client_app, name="client")
 # `--seeds 0 1 2`: click gives an option one value; the other seeds arrive as extra arguments (simulate_cmd._seeds)
 app.command("simulate", context_settings={"allow_extra_args": True})(simulate_cmd.simulate_cmd)
+app.command("compare")(compare_cmd.compare_cmd)
 
 
 def main() -> None:

@@ -175,15 +175,20 @@ def write_results(
         "precision": _precision(settings),
         "base_hash": base_hash,
         "timings": {**timings, "device_users_per_hour": 3600 * answered / device_s if device_s else 0.0},
-        "bytes": {
-            "per_device": {str(n): r.bytes for n, r in replies.items()},
-            "total_sent": sum(p["sent"] for r in replies.values() for p in r.bytes.values()),
-            "total_received": sum(p["received"] for r in replies.values() for p in r.bytes.values()),
-        },
+        "bytes": _bytes(replies),
     }
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+
+
+def _bytes(replies: dict[int, DeviceReply]) -> dict:
+    """What each device's phases moved (bytes sent to it and received from it), and the totals."""
+    return {
+        "per_device": {str(n): r.bytes for n, r in replies.items()},
+        "total_sent": sum(p["sent"] for r in replies.values() for p in r.bytes.values()),
+        "total_received": sum(p["received"] for r in replies.values() for p in r.bytes.values()),
+    }
 
 
 def _failure(reply: DeviceReply, release: SecureRelease | None) -> str:

@@ -171,7 +171,7 @@ def comparisons(methods: dict[str, dict], groups: dict[str, list[str]], higher: 
             a, b = methods[one]["per_user"], methods[other]["per_user"]
             users = [u for u in a if u in b]
             c = significance.paired_comparison([a[u] for u in users], [b[u] for u in users], higher)
-            rows.append({"protocol": protocol, "method": one, "against": other, **_paired(c)})
+            rows.append({"protocol": protocol, "method": one, "against": other, **paired_summary(c)})
     return rows
 
 
@@ -228,7 +228,7 @@ def _statistics() -> dict:
     }
 
 
-def _paired(c: significance.PairedComparison) -> dict:
+def paired_summary(c: significance.PairedComparison) -> dict:
     return {
         "users": c.users,
         "mean_difference": _num(c.mean_difference),

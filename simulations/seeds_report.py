@@ -8,12 +8,12 @@ from pathlib import Path
 from proper_fed.atomic import atomic_write_text
 
 
-def _fmt(x: float | None, signed: bool = False) -> str:
+def fmt(x: float | None, signed: bool = False) -> str:
     return "-" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
 def _ci(ci: list[float | None], signed: bool = False) -> str:
-    return "-" if None in ci else f"[{_fmt(ci[0], signed)}, {_fmt(ci[1], signed)}]"
+    return "-" if None in ci else f"[{fmt(ci[0], signed)}, {fmt(ci[1], signed)}]"
 
 
 def warnings(summary: dict) -> list[str]:
@@ -36,7 +36,7 @@ def method_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     metric = summary["metric"]
     head = ["method", "users", f"mean {metric}", "95 % CI", *(f"seed {s}" for s in summary["seeds"])]
     rows = [
-        [name, str(m["users"]), _fmt(m["mean"]), _ci(m["ci"]), *(_fmt(v) for v in m["per_seed"].values())]
+        [name, str(m["users"]), fmt(m["mean"]), _ci(m["ci"]), *(fmt(v) for v in m["per_seed"].values())]
         for name, m in summary["methods"].items()
     ]
     return head, rows
@@ -59,7 +59,7 @@ def comparison_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
             c["method"],
             c["against"],
             str(c["users"]),
-            _fmt(c["mean_difference"], signed=True),
+            fmt(c["mean_difference"], signed=True),
             _ci(c["ci"], signed=True),
             "-" if c["p_value"] is None else f"{c['p_value']:.3g}",
             f"{c['wins']} / {c['losses']} / {c['ties']}",
@@ -70,7 +70,7 @@ def comparison_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _markdown(head: list[str], rows: list[list[str]], bold: int | None = None) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]], bold: int | None = None) -> list[str]:
     """A markdown table; with `bold`, rows whose column `bold` reads 'yes' are set in bold."""
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -111,14 +111,14 @@ def write_seeds_report(out: Path, summary: dict) -> Path:
         "",
         f"## {summary['metric']} per method, over users and seeds",
         "",
-        *_markdown(*method_rows(summary)),
+        *markdown_table(*method_rows(summary)),
         "",
         "## Paired per-user tests: `proper` against each method of its scoring protocol, then the pairs "
         "that isolate one part (groups against the matched LoRA, the device's own embedding against the "
         "unknown-user row, the matched budget under OPPU)",
         "",
         *(
-            _markdown(*comparison_rows(summary), bold=7)
+            markdown_table(*comparison_rows(summary), bold=7)
             if summary["comparisons"]
             else ["No `proper` to test."]
         ),

@@ -26,7 +26,7 @@ def test_help_builds_every_command_without_importing_torch_or_flwr():
         "print(names, 'torch' in sys.modules, 'flwr' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['bench', 'certs', 'client', 'data', 'server', 'simulate'] False False"
+    assert out.strip() == "['bench', 'certs', 'client', 'compare', 'data', 'server', 'simulate'] False False"
 
 
 @pytest.fixture(scope="module")

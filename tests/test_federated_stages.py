@@ -210,11 +210,12 @@ def test_user_embedding_rows_never_leave_the_device(monkeypatch, tiny_backbone):
         assert vector.shape == (group_layout.length,)
         assert len(reply.content["fitres.parameters"]) == 0 and len(reply.content["fitres.metrics"]) == 0
         assert dict(reply.content["fitres.num_examples"]) == {"num_examples": 1}
-    # The rows did train on the device, away from where they started.
+    # The rows did train on the device, away from where they started; stage 3's embedding fit starts there.
     for node in contexts:
         user = f"user{node - 101}"
         start = initial_own_row(user, dim, settings.proper.group.seed).numpy()
         assert abs(own_rows[node] - start).max() > 1e-4
+        assert (device_side.federated_own_row(contexts[node]).numpy() == own_rows[node]).all()
 
 
 def _loss(model, examples, mode, rows=None):

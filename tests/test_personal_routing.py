@@ -126,3 +126,34 @@ def test_a_method_without_the_embedding_fit_routes_the_user_as_unknown(tiny_back
     assert _loss(device, mine, "group") == unknown
     device.route_own_row("user3", own=True)
     assert _loss(device, mine, "group") == own
+
+
+def test_a_row_kept_from_federated_stage_2_is_where_the_fit_starts(tiny_backbone):
+    _, device, exs = _server_and_device(tiny_backbone)
+    mine = [e for e in exs if e.user_id == "user3"]
+    kept = torch.randn(device.lora_user_embedding.weight.shape[1])
+    none = dataclasses.replace(FIT, embedding_epochs=0)
+    stages.fit_user_embedding(device, "user3", mine, none, start=kept)
+    assert torch.equal(device.lora_user_embedding.weight[1].detach(), kept)
+    assert not torch.equal(device.lora_user_embedding.weight[0], kept)  # the unknown row stays
+
+
+def test_personalize_user_fits_the_embedding_from_the_devices_own_row(monkeypatch, tiny_backbone):
+    from proper_fed.data.tasks import get_task
+    from proper_fed.train import personalize
+
+    _, device, exs = _server_and_device(tiny_backbone)
+    mine = [e for e in exs if e.user_id == "user3"]
+    kept = torch.randn(device.lora_user_embedding.weight.shape[1])
+    starts = []
+    real = stages.fit_user_embedding
+
+    def spy(model, user_id, history, cfg, checkpointer=None, start=None):
+        starts.append(start)
+        return real(model, user_id, history, cfg, checkpointer, start=start)
+
+    monkeypatch.setattr(stages, "fit_user_embedding", spy)
+    task = get_task("synthetic_groups")
+    personalize.personalize_user(device, ["proper_group"], task, mine[:4], mine[4:6], FIT, own_row=kept)
+    personalize.personalize_user(device, ["proper_group"], task, mine[:4], mine[4:6], FIT)
+    assert starts[0] is kept and starts[1] is None

@@ -138,10 +138,12 @@ def personalize_user(
     checkpointer_for: Callable[[str], Checkpointer | None] | None = None,
     on_trained: Callable[[str, ProperModel], None] | None = None,
     protocols: Sequence[str] = ("generate",),
+    own_row: torch.Tensor | None = None,
 ) -> dict[str, MethodResult]:
     """Run every requested method for one user on the same history and the same queries, all on `model`
     (one server model: PROPER's, a variant's or the matched one). Methods that use the user's own embedding
-    share one fit of it, done first; the others route the user through the unknown-user row.
+    share one fit of it, done first (from `own_row` when the device trained one in federated stage 2, else
+    from the unknown-user row); the others route the user through the unknown-user row.
 
     on_trained(method, model) is called right after each user stage, before the next method resets it:
     the device stores its adapter there.
@@ -150,7 +152,7 @@ def personalize_user(
     if unknown:
         raise ConfigError(f"unknown device method(s) {unknown}; use {list(DEVICE_METHODS)}")
     user_id = (queries or history)[0].user_id
-    fit = _fit_embedding(model, [METHODS[m] for m in methods], user_id, history, cfg)
+    fit = _fit_embedding(model, [METHODS[m] for m in methods], user_id, history, cfg, own_row)
     out: dict[str, MethodResult] = {}
     for name in methods:
         spec = METHODS[name]
@@ -166,10 +168,15 @@ def personalize_user(
 
 
 def _fit_embedding(
-    model: ProperModel, specs: Sequence[Method], user_id: str, history: Sequence[Example], cfg: TrainConfig
+    model: ProperModel,
+    specs: Sequence[Method],
+    user_id: str,
+    history: Sequence[Example],
+    cfg: TrainConfig,
+    start: torch.Tensor | None,
 ) -> StageResult | None:
     """The user's own embedding row, fitted once for every method that uses it (None: no method does, or
     the user has no history to fit it on)."""
     if not history or not any(s.personal_embedding for s in specs):
         return None
-    return stages.fit_user_embedding(model, user_id, history, cfg)
+    return stages.fit_user_embedding(model, user_id, history, cfg, start=start)

@@ -132,11 +132,16 @@ def fit_user_embedding(
     examples: Sequence[Example],
     cfg: TrainConfig,
     checkpointer: Checkpointer | None = None,
+    start: torch.Tensor | None = None,
 ) -> StageResult:
     """On a device: this user's own row of the user table, fitted on its history with the stage-2 router and
     experts frozen (cfg.embedding_epochs at cfg.embedding_lr). The table the bundle carries has only the
-    unknown-user row; the new row starts there, so with 0 epochs the user is routed as an unknown user."""
-    model.add_user(user_id)
+    unknown-user row; the new row starts there, so with 0 epochs the user is routed as an unknown user, or at
+    `start` (the row the device trained in federated stage 2, which never left it)."""
+    row = model.add_user(user_id)
+    if start is not None:
+        with torch.no_grad():
+            model.lora_user_embedding.weight[row] = start.to(model.lora_user_embedding.weight)
     model.set_mode(population=True, experts=ExpertMix.USER_ROUTER)
     model.set_trainable([])
     if cfg.embedding_epochs == 0:
