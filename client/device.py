@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,7 +259,7 @@ def personalize_device(
     keep, by the name they are reported under (`proper`, `proper@rank`, ...). `ranking`: the server users'
     label ranking (`data.baselines.label_ranking`) for the label baselines, None when the task has none.
     `own_row`: the user's embedding row this device trained in federated stage 2, where its fit starts."""
-    job = replace(_device_job(me, bundle, backbone, settings, store), own_row=own_row)
+    job = _device_job(me, bundle, backbone, settings, store, own_row)
     history_len, n_queries = float(len(me.user.profile)), float(len(job.queries))
     out = DeviceOutcome(settings.scoring, {"history_len": history_len, "queries": n_queries})
     results = {}
@@ -283,7 +283,12 @@ def methods_by_server_model(settings: RunSettings) -> dict[str, list[str]]:
 
 
 def _device_job(
-    me: DeviceUser, bundle: Bundle, backbone: Backbone, settings: RunSettings, store: AdapterStore
+    me: DeviceUser,
+    bundle: Bundle,
+    backbone: Backbone,
+    settings: RunSettings,
+    store: AdapterStore,
+    own_row: torch.Tensor | None,
 ) -> DeviceJob:
     check_protocols(me.task, settings.scoring)
     history = device_training_examples(me.task, me.user)
@@ -292,7 +297,7 @@ def _device_job(
         raise ConfigError(
             f"user has no query with a gold answer to evaluate on ({len(me.user.queries)} queries)"
         )
-    return DeviceJob(me, bundle, backbone, settings, store, list(history), list(queries))
+    return DeviceJob(me, bundle, backbone, settings, store, list(history), list(queries), own_row)
 
 
 def _on_server_model(job: DeviceJob, name: str, methods: list[str]) -> dict[str, MethodResult]:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from proper_fed_cli.tables import rows_table
 
 console = Console()
 
@@ -28,14 +29,6 @@ def compare_cmd(
 
     summary = compare_runs(a, b)
     md, js = write_compare_report(summary, out or a / f"compared-with-{b.resolve().name}")
-    head, rows = table_rows(summary)
-    table = Table(
-        title=f"{summary['task']}: A = {a}, B = {b}, {summary['users']['both']} device users in both"
-    )
-    table.add_column(head[0])
-    for k in head[1:]:
-        table.add_column(k, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    title = f"{summary['task']}: A = {a}, B = {b}, {summary['users']['both']} device users in both"
+    console.print(rows_table(title, *table_rows(summary)))
     console.print(f"report: {md}\njson:   {js}")

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from proper_fed_cli.tables import rows_table
+
 if TYPE_CHECKING:
     from simulations.seeds import SeedsOutcome
     from simulations.simulate import Outcome
@@ -135,8 +137,8 @@ def _show_seeds(outcome: SeedsOutcome, allow_partial: bool) -> None:
     s = outcome.summary
     for seed, run in outcome.runs.items():
         console.print(f"seed {seed}: {run.results['answered']} ({run.out})")
-    console.print(_rows_table(f"{s['task']}: {s['metric']} over seeds {s['seeds']}", *method_rows(s)))
-    console.print(_rows_table("proper against each method, paired per user", *comparison_rows(s)))
+    console.print(rows_table(f"{s['task']}: {s['metric']} over seeds {s['seeds']}", *method_rows(s)))
+    console.print(rows_table("proper against each method, paired per user", *comparison_rows(s)))
     console.print(f"aggregate: {outcome.out / 'seeds.json'}\nreport:    {outcome.report}")
     problems = warnings(s)
     for line in problems:
@@ -149,14 +151,4 @@ def _show_seeds(outcome: SeedsOutcome, allow_partial: bool) -> None:
 def _table(title: str, res: dict) -> Table:
     from simulations.report import score_rows
 
-    return _rows_table(title, *score_rows(res))
-
-
-def _rows_table(title: str, head: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title)
-    table.add_column(head[0])
-    for k in head[1:]:
-        table.add_column(k, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return rows_table(title, *score_rows(res))

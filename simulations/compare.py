@@ -9,11 +9,12 @@ both runs report; a user counts when both runs have the method's metric for it."
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.errors import ConfigError
-from simulations.seeds import paired_summary
+from simulations.seeds import paired_per_user
 from simulations.seeds_report import comparison_rows, fmt, markdown_table
 
 SEEDS_FILE = "seeds.json"
@@ -36,8 +37,6 @@ def load_seeds_summary(folder: Path) -> dict:
 
 def compare_runs(a: Path, b: Path) -> dict:
     """The paired comparison of run `a` against run `b` (see module docstring)."""
-    from proper_fed.data import significance
-
     sa, sb = load_seeds_summary(a), load_seeds_summary(b)
     for key in ("task", "metric"):
         if sa[key] != sb[key]:
@@ -55,13 +54,11 @@ def compare_runs(a: Path, b: Path) -> dict:
     for name in (n for n in sa["methods"] if n in sb["methods"]):
         pa, pb = sa["methods"][name]["per_user"], sb["methods"][name]["per_user"]
         users = [u for u in pa if u in pb]
-        c = significance.paired_comparison(
-            [pa[u] for u in users], [pb[u] for u in users], sa["higher_is_better"]
-        )
-        means = {side: sum(p[u] for u in users) / len(users) for side, p in (("a", pa), ("b", pb))}
-        rows.append(
-            {"method": name, "against": name, "mean_a": means["a"], "mean_b": means["b"], **paired_summary(c)}
-        )
+        if not users:  # a method neither run scored on a shared user: nothing to pair
+            continue
+        means = {side: statistics.fmean(p[u] for u in users) for side, p in (("a", pa), ("b", pb))}
+        paired = paired_per_user(pa, pb, sa["higher_is_better"])
+        rows.append({"method": name, "against": name, "mean_a": means["a"], "mean_b": means["b"], **paired})
     return {
         "a": str(a),
         "b": str(b),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from proper_fed.atomic import atomic_write_text
 from proper_fed.data.metric_stats import PRIMARY_METRIC
-from proper_fed.methods import METHODS, REPORT_ORDER
+from proper_fed.methods import METHODS, PROPER, REPORT_ORDER
 
 PRIMARY = PRIMARY_METRIC  # task type -> (metric, higher is better)
 NO_LLM = tuple(name for name, m in METHODS.items() if not m.uses_llm)
@@ -256,7 +256,7 @@ def bytes_lines(results: dict) -> list[str]:
         f"  - {PHASE_WORDS.get(phase, phase)}: {_mb(p['sent'])} to it, {_mb(p['received'])} from it"
         for phase, p in phases.items()
     ]
-    server = (results.get("server") or {}).get("proper", {})
+    server = (results.get("server") or {}).get(PROPER, {})  # federated runs train PROPER's model only
     for stage in ("population", "group"):
         if f"{stage}.bytes_to_device_per_round" in server:
             lines.append(

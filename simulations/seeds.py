@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from proper_fed.atomic import atomic_write_text
 from proper_fed.data import significance
 from proper_fed.errors import ConfigError
+from proper_fed.federation.run_config import run_config_text
 from proper_fed.federation.run_settings import RunSettings
 from simulations.report import NO_LLM, PRIMARY, ordered_methods, protocols
 from simulations.run import SimulationPlan, users_by_node
@@ -80,14 +81,12 @@ def finished_seed(p: SimulationPlan) -> dict | None:
     the one this plan would write (same data, users, methods, settings and training seed). Anything else
     (another setting, a lost device, no results) runs again. The code is not compared: after changing the
     method, pass `--fresh` to run every seed again."""
-    import tomli_w
-
     results, written = p.out / "results.json", p.out / "run_config.toml"
     if not (results.is_file() and written.is_file()):
         return None
     try:
         data = json.loads(results.read_text())
-        same = tomllib.loads(written.read_text()) == tomllib.loads(tomli_w.dumps(dict(p.run_config)))
+        same = tomllib.loads(written.read_text()) == tomllib.loads(run_config_text(p.run_config))
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return None
     users = data.get("users", {})
@@ -168,11 +167,17 @@ def comparisons(methods: dict[str, dict], groups: dict[str, list[str]], higher: 
         pairs = [(ref, other) for other in names if other != ref] if ref in names else []
         pairs += [(a + suffix, b + suffix) for a, b in PART_PAIRS if {a + suffix, b + suffix} <= set(names)]
         for one, other in pairs:
-            a, b = methods[one]["per_user"], methods[other]["per_user"]
-            users = [u for u in a if u in b]
-            c = significance.paired_comparison([a[u] for u in users], [b[u] for u in users], higher)
-            rows.append({"protocol": protocol, "method": one, "against": other, **paired_summary(c)})
+            paired = paired_per_user(methods[one]["per_user"], methods[other]["per_user"], higher)
+            rows.append({"protocol": protocol, "method": one, "against": other, **paired})
     return rows
+
+
+def paired_per_user(a: Mapping[str, float], b: Mapping[str, float], higher: bool) -> dict:
+    """`a` against `b` (user -> metric) on the users both have: the paired test's summary (paired_summary)."""
+    users = [u for u in a if u in b]
+    return paired_summary(
+        significance.paired_comparison([a[u] for u in users], [b[u] for u in users], higher)
+    )
 
 
 def devices(runs: Sequence[SeedRun], device_user_ids: Sequence[str]) -> dict[str, dict]:

@@ -67,3 +67,9 @@ def test_the_command_prints_the_table_and_writes_markdown_and_json(tmp_path):
     md = (a / "compared-with-central.md").read_text()
     assert "| **proper** | **0.200** | **0.600** | **8** | **-0.400**" in md
     assert json.loads((a / "compared-with-central.json").read_text())["comparisons"][0]["losses"] == 8
+
+
+def test_a_method_with_no_user_in_both_runs_is_left_out_not_divided_by_zero(tmp_path):
+    a = _run(tmp_path / "a", {"proper": {u: 0.8 for u in USERS}, "oppu": {"u0": 0.5}})
+    b = _run(tmp_path / "b", {"proper": {u: 0.3 for u in USERS}, "oppu": {"u1": 0.5}})
+    assert [r["method"] for r in compare_runs(a, b)["comparisons"]] == ["proper"]

@@ -137,11 +137,16 @@ def resolve(
     return flat, settings
 
 
-def write_run_config(flat: Mapping[str, Any], path: Path) -> Path:
-    """The flat run config as the TOML file `flwr run --run-config` reads (`"user.epochs" = 4`)."""
+def run_config_text(flat: Mapping[str, Any]) -> str:
+    """The flat run config as the TOML text `flwr run --run-config` reads (`"user.epochs" = 4`)."""
     import tomli_w
 
-    return atomic_write_text(path, tomli_w.dumps(dict(flat)))
+    return tomli_w.dumps(dict(flat))
+
+
+def write_run_config(flat: Mapping[str, Any], path: Path) -> Path:
+    """The flat run config as the TOML file `flwr run --run-config` reads."""
+    return atomic_write_text(path, run_config_text(flat))
 
 
 def rotate_results(out: Path) -> Path:
